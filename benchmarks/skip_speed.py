@@ -1,0 +1,118 @@
+"""Does skipping k blocks save what the FLOP count promises? Wall-clock against the full model, same process.
+
+For k = 0, 3, 6, ... blocks forced off (spread evenly over the depth), times a prefill of --prompt-tokens tokens and a
+generation of --new-tokens tokens (greedy, KV cache), takes the median of --repeats runs, and prints the measured
+time ratio against k = 0 next to the ideal ratio from the FLOP count. Also measures the overhead of routing with
+nothing skipped against the plain base model. LoRA is merged into the weights, as a server would run it
+(--no-merge keeps the LoRA matmuls, which cost about 20% on this model at batch 1 on CPU).
+
+    python benchmarks/skip_speed.py                # embedded SmolLM2-135M, batch 1, CPU
+    python benchmarks/skip_speed.py --model PATH   # any supported model (hub id, directory, .gguf)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from layerroute import LayerRouteModel, load_base_model
+from layerroute.flops import step_route_stats
+
+
+def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run; every repeat runs all of them once, in a fresh random order, so drift in the
+    machine's speed (other processes, thermal state) hits every configuration alike."""
+    for run in runs.values():
+        run()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    shuffler = random.Random(0)
+    for _ in range(repeats):
+        shuffler.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def spread(num_layers: int, k: int) -> list[int]:
+    """k block indices spread evenly over the depth."""
+    return sorted({round((i + 0.5) * num_layers / k - 0.5) for i in range(k)}) if k else []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--step", type=int, default=3, help="k grows by this many blocks per row")
+    parser.add_argument("--no-merge", action="store_true", help="keep LoRA unmerged")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base, _ = load_base_model(args.model)
+    plain = copy.deepcopy(base)
+    model = LayerRouteModel.from_base(base).eval()
+    if not args.no_merge:
+        model.merge_lora()
+    num_layers = model.num_layers
+    input_ids = torch.randint(100, model.shape.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    generate_kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+
+    skips = {k: spread(num_layers, k) for k in range(0, num_layers, args.step)}
+    runs: dict[str, Callable[[], object]] = {
+        "plain prefill": lambda: plain(input_ids),
+        "plain generate": lambda: plain.generate(input_ids, **generate_kwargs),
+    }
+    for k, skip in skips.items():
+        runs[f"{k} prefill"] = lambda skip=skip: model(input_ids, forced_skip=skip)
+        runs[f"{k} generate"] = lambda skip=skip: model.generate(input_ids, forced_skip=skip, **generate_kwargs)
+
+    print(f"model={model.base_model_name_or_path} blocks={num_layers} prompt={args.prompt_tokens} "
+          f"new_tokens={args.new_tokens} repeats={args.repeats} threads={torch.get_num_threads()} "
+          f"lora={'unmerged' if args.no_merge else 'merged'}")
+    with torch.no_grad():
+        seconds = interleaved_medians(runs, args.repeats)
+        rows = []
+        for k, skip in skips.items():
+            model.generate(input_ids, forced_skip=skip, **generate_kwargs)
+            prefill_ideal = step_route_stats(skip, num_layers, model.shape.block, model.shape.vocab_size,
+                                             args.prompt_tokens, args.prompt_tokens, 1, model.lora_flops_per_token)
+            rows.append((k, seconds[f"{k} prefill"], seconds[f"{k} generate"], prefill_ideal, model.last_route))
+    plain_prefill, plain_generate = seconds["plain prefill"], seconds["plain generate"]
+
+    base_prefill, base_generate = rows[0][1], rows[0][2]
+    print()
+    print("| k skipped | prefill ms | prefill ratio | ideal | generate ms | generate ratio | ideal | "
+          "saving achieved (prefill / generate) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k, prefill_s, generate_s, prefill_ideal, route in rows:
+        prefill_ratio, generate_ratio = prefill_s / base_prefill, generate_s / base_generate
+        ideal_prefill, ideal_generate = 1 - prefill_ideal.flops_skipped_frac, 1 - route.flops_skipped_frac
+        achieved = (
+            f"{(1 - prefill_ratio) / (1 - ideal_prefill):.0%} / {(1 - generate_ratio) / (1 - ideal_generate):.0%}"
+            if k else "-"
+        )
+        print(f"| {k} | {prefill_s * 1e3:.1f} | {prefill_ratio:.3f} | {ideal_prefill:.3f} | {generate_s * 1e3:.1f} | "
+              f"{generate_ratio:.3f} | {ideal_generate:.3f} | {achieved} |")
+    print()
+    print("| routing overhead, nothing skipped | plain base ms | routed ms | overhead |")
+    print("|---|---|---|---|")
+    print(f"| prefill | {plain_prefill * 1e3:.1f} | {base_prefill * 1e3:.1f} | {base_prefill / plain_prefill - 1:+.1%} |")
+    print(f"| generate | {plain_generate * 1e3:.1f} | {base_generate * 1e3:.1f} | "
+          f"{base_generate / plain_generate - 1:+.1%} |")
+    print("\n(routed = LayerRoute with routers deciding nothing off; plain = the base model without LayerRoute)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Configuration of a LayerRoute adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROUTER_POOLINGS = ("mean", "last")
+ROUTER_NORMS = ("rms", "none")
+
+
+@dataclass
+class LayerRouteConfig:
+    """Everything that defines a LayerRoute adapter except its weights.
+
+    The defaults reproduce the seed setting: rank-8 LoRA on q/k/v/o and one router per decoder block.
+
+    Args:
+        lora_rank: LoRA rank ``r``.
+        lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_rank``).
+        lora_dropout: dropout on the LoRA input during training.
+        lora_target_modules: names (last path component) of the linear layers inside each block that get LoRA.
+        router_pooling: how a router summarises its block's input over the step's context tokens:
+            ``"mean"`` (average over all context tokens) or ``"last"`` (the last context token).
+        router_norm: ``"rms"`` divides each token's hidden state by its root mean square before pooling
+            (parameter-free, so a few huge activation channels cannot swamp the router); ``"none"`` reads raw states.
+        router_init_bias: initial bias of every router; positive starts with every block open
+            (``sigmoid(bias)`` is the initial keep probability).
+        router_threshold: a block runs when its keep probability is above this value.
+        regularizer_weight: weight of the gate regulariser in the training loss.
+        target_skip_rate: skip rate the regulariser aims for (fraction of blocks per step).
+    """
+
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    router_pooling: str = "mean"
+    router_norm: str = "rms"
+    router_init_bias: float = 3.0
+    router_threshold: float = 0.5
+    regularizer_weight: float = 1.0
+    target_skip_rate: float = 0.15
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one linear layer, e.g. ['q_proj', 'v_proj']")
+        if self.router_pooling not in ROUTER_POOLINGS:
+            raise ValueError(f"router_pooling must be one of {ROUTER_POOLINGS}, got {self.router_pooling!r}")
+        if self.router_norm not in ROUTER_NORMS:
+            raise ValueError(f"router_norm must be one of {ROUTER_NORMS}, got {self.router_norm!r}")
+        if not 0.0 < self.router_threshold < 1.0:
+            raise ValueError(f"router_threshold must lie in (0, 1), got {self.router_threshold}")
+        if not 0.0 <= self.target_skip_rate < 1.0:
+            raise ValueError(f"target_skip_rate must lie in [0, 1), got {self.target_skip_rate}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LayerRouteConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown LayerRouteConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LayerRouteConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

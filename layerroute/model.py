@@ -1,0 +1,440 @@
+"""``LayerRouteModel``: routers and LoRA over a frozen Hugging Face causal LM."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from transformers import DynamicCache
+
+from . import __version__
+from .architectures import ModelShape, find_decoder_blocks, model_shape
+from .config import LayerRouteConfig
+from .flops import RouteStats, step_route_stats
+from .router import ROUTING_STATE, RoutedBlock, Router, RoutingState
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "layerroute_config.json"
+FINGERPRINT_ROWS = 8
+
+
+class RoutedCache(DynamicCache):
+    """A ``DynamicCache`` whose blocks may hold no entries because every row skipped them.
+
+    Sequence length and mask sizes are read from a block that did run, so positions and masks stay right whichever
+    blocks the routers skip (block 0 included).
+    """
+
+    def _reference_layer(self, layer_idx: int) -> int:
+        if layer_idx < len(self.layers) and self.layers[layer_idx].get_seq_length() > 0:
+            return layer_idx
+        kind = type(self.layers[layer_idx]) if layer_idx < len(self.layers) else None
+        for index, layer in enumerate(self.layers):
+            if (kind is None or type(layer) is kind) and layer.get_seq_length() > 0:
+                return index
+        return layer_idx
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(self._reference_layer(layer_idx))
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return super().get_mask_sizes(query_length, self._reference_layer(layer_idx))
+
+
+@dataclass
+class LayerRouteOutput:
+    """Result of ``LayerRouteModel.forward``.
+
+    Attributes:
+        logits: ``(batch, seq_len, vocab)``; ``None`` when ``labels`` were given (the LM head then runs only on the
+            supervised positions).
+        loss: mean next-token loss over supervised positions, when ``labels`` were given.
+        token_nll: ``(batch, seq_len)`` next-token loss of each supervised position (0 elsewhere), aligned with
+            ``labels``; when ``labels`` were given.
+        keep_probs: ``(batch, num_layers)`` keep probability of every block (differentiable in training).
+        keep: ``(batch, num_layers)`` bool, which blocks ran for each row.
+    """
+
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None
+    token_nll: torch.Tensor | None
+    keep_probs: torch.Tensor
+    keep: torch.Tensor
+
+
+class LayerRouteModel(nn.Module):
+    """A frozen decoder-only LM with a router in front of every block and LoRA inside.
+
+    Build one with :meth:`from_base` (fresh adapter) or :meth:`from_pretrained` (saved adapter). The wrapped HF model
+    stays reachable as ``.base_model``; calling it directly runs every block (routing applies only through this
+    class's ``forward`` and ``generate``).
+    """
+
+    def __init__(self, base_model: nn.Module, config: LayerRouteConfig, base_model_name_or_path: str | None):
+        super().__init__()
+        self.config = config
+        self.base_model_name_or_path = base_model_name_or_path
+        if any(isinstance(m, RoutedBlock) for m in base_model.modules()):
+            raise ValueError("this model already carries LayerRoute routers; load a fresh base model to wrap")
+        self.shape: ModelShape = model_shape(base_model)
+        self.fingerprint = weights_fingerprint(base_model)
+        blocks = find_decoder_blocks(base_model)
+        _check_lora_targets(blocks[0], config.lora_target_modules)
+
+        base_model.requires_grad_(False)
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=rf".*\.layers\.\d+\..*\.({'|'.join(config.lora_target_modules)})",
+        )
+        inject_adapter_in_model(lora, base_model)
+        for name, parameter in base_model.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+        self.lora_flops_per_token = _lora_flops_per_token(blocks[0], config.lora_rank)
+
+        hidden_size = self.shape.block.hidden_size
+        for index in range(len(blocks)):
+            router = Router(hidden_size, config).to(_device_of(blocks[index]))
+            blocks[index] = RoutedBlock(blocks[index], router, index, config.router_threshold)
+        self.base_model = base_model
+        self.base_model.get_output_embeddings().register_forward_hook(_count_lm_head_positions)
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base(
+        cls, model: nn.Module, config: LayerRouteConfig | None = None, base_model_name_or_path: str | None = None
+    ) -> "LayerRouteModel":
+        """Wrap an already loaded HF causal LM: freeze it, put a router in front of every block and LoRA inside.
+
+        Trainable parameters are exactly the routers and the LoRA weights. ``model`` is modified in place.
+        ``base_model_name_or_path`` (default: the model's own ``name_or_path``) is recorded in saved adapters so
+        :meth:`from_pretrained` can load the base by itself.
+        """
+        if base_model_name_or_path is None:
+            base_model_name_or_path = getattr(model, "name_or_path", None) or None
+        return cls(model, config or LayerRouteConfig(), base_model_name_or_path)
+
+    @property
+    def routers(self) -> list[Router]:
+        return [block.router for block in self.blocks]
+
+    @property
+    def blocks(self) -> list[RoutedBlock]:
+        return list(self.base_model.model.layers)
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape.num_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.get_input_embeddings().weight.device
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights: every router and LoRA parameter, by name."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def merge_lora(self) -> None:
+        """Fold LoRA into the base weights for serving: same outputs, no LoRA matmuls per token.
+
+        The merged model cannot be trained or saved until :meth:`unmerge_lora`.
+        """
+        for module in self._lora_layers():
+            module.merge()
+        self.lora_flops_per_token = 0
+
+    def unmerge_lora(self) -> None:
+        """Undo :meth:`merge_lora`."""
+        for module in self._lora_layers():
+            module.unmerge()
+        self.lora_flops_per_token = _lora_flops_per_token(self.blocks[0], self.config.lora_rank)
+
+    @property
+    def lora_merged(self) -> bool:
+        return any(module.merged for module in self._lora_layers())
+
+    def _lora_layers(self) -> list[nn.Module]:
+        return [module for module in self.base_model.modules() if isinstance(module, LoraLayer)]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        forced_skip: Iterable[int] | None = None,
+    ) -> LayerRouteOutput:
+        """Run the routed model on full sequences.
+
+        Args:
+            input_ids: ``(batch, seq_len)`` token ids.
+            attention_mask: ``(batch, seq_len)``, 1 for real tokens and 0 for padding.
+            context_mask: ``(batch, seq_len)``, true for the step's context tokens the routers read; defaults to
+                ``attention_mask``. Training passes the context only, so routers never see target tokens.
+            labels: ``(batch, seq_len)`` next-token targets aligned with ``input_ids`` (``labels[:, t]`` is the
+                token at ``t``; ``-100`` is not supervised). When given, the LM head runs only on the positions that
+                predict a supervised token.
+            forced_skip: bypass the routers: every block runs except these.
+
+        In training mode every block runs and gates are straight-through; in eval mode skipped blocks do not run.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        state = RoutingState(
+            context_mask=(attention_mask if context_mask is None else context_mask).bool(),
+            straight_through=self.training,
+            forced_skip=None if forced_skip is None else frozenset(forced_skip),
+        )
+        token = ROUTING_STATE.set(state)
+        try:
+            if labels is None:
+                logits = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                loss = token_nll = None
+            else:
+                hidden = self.base_model.model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                ).last_hidden_state
+                loss, token_nll = self._supervised_loss(hidden, labels)
+                logits = None
+        finally:
+            ROUTING_STATE.reset(token)
+        keep_probs = torch.stack([state.keep_probs[i] for i in range(self.num_layers)], dim=1)
+        keep = torch.stack([state.keep[i] for i in range(self.num_layers)], dim=1)
+        return LayerRouteOutput(logits=logits, loss=loss, token_nll=token_nll, keep_probs=keep_probs, keep=keep)
+
+    def _supervised_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = labels[:, 1:]
+        predicting = targets != -100
+        if not bool(predicting.any()):
+            raise ValueError("labels supervise no position (every label is -100)")
+        logits = self.base_model.get_output_embeddings()(hidden[:, :-1][predicting])
+        nll = F.cross_entropy(logits.float(), targets[predicting], reduction="none")
+        token_nll = torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device)
+        token_nll[:, 1:][predicting] = nll
+        return nll.mean(), token_nll
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        forced_skip: Iterable[int] | None = None,
+        **generate_kwargs,
+    ):
+        """Like HF ``generate``; blocks the routers skip are not executed.
+
+        Routers decide once per row from the prompt (prefill) and the decision holds for every generated token, so
+        the KV cache stays consistent. With several rows, a block runs when any row keeps it (rows that skip it keep
+        their hidden state); wall-clock savings come from blocks every row skips.
+
+        After the call, :attr:`last_route` (batch of one) and :attr:`last_routes` (one per row) hold this thread's
+        :class:`RouteStats`.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if "cache" in generate_kwargs or "past_key_values" in generate_kwargs:
+            raise ValueError("LayerRouteModel.generate manages its own KV cache; do not pass `cache`")
+        state = RoutingState(
+            context_mask=attention_mask.bool(),
+            forced_skip=None if forced_skip is None else frozenset(forced_skip),
+        )
+        was_training = self.training
+        self.eval()
+        token = ROUTING_STATE.set(state)
+        try:
+            if generate_kwargs.get("use_cache", True):
+                generate_kwargs["cache"] = RoutedCache(config=self.base_model.config)
+            output = self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        finally:
+            ROUTING_STATE.reset(token)
+            self.train(was_training)
+        sequences = output.sequences if hasattr(output, "sequences") else output
+        self._local.routes = self._route_stats(state, attention_mask, sequences[:, input_ids.shape[1] :])
+        return output
+
+    @property
+    def last_route(self) -> RouteStats:
+        """Route stats of this thread's last ``generate`` call (batch of one)."""
+        routes = self.last_routes
+        if len(routes) != 1:
+            raise ValueError(f"the last generate call had {len(routes)} rows; read `last_routes` instead")
+        return routes[0]
+
+    @property
+    def last_routes(self) -> list[RouteStats]:
+        """Route stats of this thread's last ``generate`` call, one per row."""
+        routes = getattr(self._local, "routes", None)
+        if routes is None:
+            raise RuntimeError("no generate call has finished in this thread yet")
+        return routes
+
+    def _route_stats(self, state: RoutingState, attention_mask: torch.Tensor, new_tokens: torch.Tensor) -> list:
+        keep = torch.stack([state.keep[i] for i in range(self.num_layers)], dim=1).cpu()
+        eos = self.base_model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        routes = []
+        for row in range(keep.shape[0]):
+            context = int(attention_mask[row].sum())
+            generated = new_tokens.shape[1]
+            for position, token_id in enumerate(new_tokens[row].tolist()):
+                if token_id in eos_ids:
+                    generated = position + 1
+                    break
+            routes.append(
+                step_route_stats(
+                    skipped_layers=[i for i in range(self.num_layers) if not keep[row, i]],
+                    num_layers=self.num_layers,
+                    block=self.shape.block,
+                    vocab_size=self.shape.vocab_size,
+                    context_tokens=context,
+                    forwarded_tokens=context + max(generated - 1, 0),
+                    lm_head_positions=sum(state.lm_head_positions[:generated]),
+                    extra_flops_per_token=self.lora_flops_per_token,
+                )
+            )
+        return routes
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the adapter (safetensors) and its config, with the base model's identity, atomically."""
+        if self.lora_merged:
+            raise RuntimeError("LoRA is merged into the base weights; call unmerge_lora() before saving")
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "layerroute_version": __version__,
+            "config": self.config.to_dict(),
+            "base_model": {
+                "name_or_path": self.base_model_name_or_path,
+                "shape": self.shape.to_dict(),
+                "fingerprint": self.fingerprint,
+            },
+        }
+        weights = {name: t.contiguous().cpu() for name, t in self.trainable_state_dict().items()}
+        _atomic_write(directory / ADAPTER_WEIGHTS, lambda path: save_file(weights, path, metadata={"format": "pt"}))
+        _atomic_write(directory / ADAPTER_CONFIG, lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
+
+    @classmethod
+    def from_pretrained(
+        cls, adapter_dir: str | os.PathLike, base_model: nn.Module | str | None = None
+    ) -> "LayerRouteModel":
+        """Load a saved adapter onto ``base_model``.
+
+        Args:
+            adapter_dir: a directory written by :meth:`save_pretrained`.
+            base_model: a loaded HF causal LM, a name or path for :func:`load_base_model`, or ``None`` for the base
+                recorded in the adapter.
+
+        Raises:
+            FileNotFoundError: the directory holds no adapter.
+            ValueError: the base model does not match the one the adapter was trained on (the error names what
+                differs).
+        """
+        directory = Path(adapter_dir)
+        config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: {directory} is not a LayerRoute adapter directory")
+        metadata = json.loads(config_path.read_text())
+        recorded = metadata["base_model"]
+        if base_model is None or isinstance(base_model, str):
+            from .loading import load_base_model
+
+            base_model, _ = load_base_model(base_model if base_model is not None else recorded["name_or_path"])
+        _check_base_matches(base_model, recorded, directory)
+        model = cls(base_model, LayerRouteConfig.from_dict(metadata["config"]), recorded["name_or_path"])
+        weights = load_file(weights_path)
+        expected = set(model.trainable_state_dict())
+        if set(weights) != expected:
+            missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+            raise ValueError(
+                f"adapter weights in {weights_path} do not fit this model: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        model.load_state_dict(weights, strict=False)
+        return model
+
+
+def weights_fingerprint(model: nn.Module) -> list[float]:
+    """A dtype-tolerant summary of the input embeddings: mean absolute value of a few fixed rows."""
+    weight = model.get_input_embeddings().weight
+    rows = torch.linspace(0, weight.shape[0] - 1, FINGERPRINT_ROWS).long()
+    return [round(float(v), 6) for v in weight[rows.to(weight.device)].detach().float().abs().mean(dim=1)]
+
+
+def _check_base_matches(base_model: nn.Module, recorded: dict, adapter_dir: Path) -> None:
+    shape = model_shape(base_model).to_dict()
+    differences = [
+        f"{key}: adapter {recorded['shape'][key]!r} vs base {shape.get(key)!r}"
+        for key in recorded["shape"]
+        if recorded["shape"][key] != shape.get(key)
+    ]
+    if differences:
+        raise ValueError(
+            f"the adapter in {adapter_dir} was trained on {recorded['name_or_path']!r} and does not fit this base "
+            f"model: {'; '.join(differences)}"
+        )
+    fingerprint = weights_fingerprint(base_model)
+    if not torch.allclose(torch.tensor(fingerprint), torch.tensor(recorded["fingerprint"]), rtol=2e-2, atol=1e-4):
+        raise ValueError(
+            f"the adapter in {adapter_dir} was trained on {recorded['name_or_path']!r}; this base model has the same "
+            "shape but different weights (embedding fingerprint "
+            f"{fingerprint} vs recorded {recorded['fingerprint']})"
+        )
+
+
+def _check_lora_targets(block: nn.Module, targets: list[str]) -> None:
+    linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in block.named_modules() if isinstance(m, nn.Linear)})
+    missing = [t for t in targets if t not in linear_names]
+    if missing:
+        raise ValueError(
+            f"LoRA target modules {missing} do not exist in {type(block).__name__}; its linear layers are {linear_names}"
+        )
+
+
+def _lora_flops_per_token(block: nn.Module, rank: int) -> int:
+    total = 0
+    for module in block.modules():
+        if isinstance(module, LoraLayer) and isinstance(module.base_layer, nn.Linear):
+            total += 2 * rank * (module.base_layer.in_features + module.base_layer.out_features)
+    return total
+
+
+def _count_lm_head_positions(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    state = ROUTING_STATE.get()
+    if state is not None:
+        state.lm_head_positions.append(inputs[0].shape[-2] if inputs[0].dim() > 2 else 1)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _atomic_write(path: Path, write) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,122 @@
+"""The per-block router and the block wrapper that really skips a block."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import LayerRouteConfig
+
+
+@dataclass
+class RoutingState:
+    """Routing decisions of one forward pass (training) or one ``generate`` call (inference).
+
+    Lives in a context variable, so threads and asyncio tasks that share one model never see each other's state.
+
+    Attributes:
+        context_mask: ``(batch, seq_len)`` bool, the positions routers pool over in the first forward of the state
+            (the step's context; never its target tokens). ``None`` pools over every position.
+        straight_through: training mode: every block runs and its output is mixed in with the straight-through gate.
+        forced_skip: when not ``None``, the routers are bypassed: every block runs except these.
+        keep: block index -> ``(batch,)`` bool decisions, taken at the first forward and held for the rest of the state.
+        rows_keeping: block index -> ``"all"``, ``"none"`` or ``"some"``: ``keep`` summarised once, so later forwards
+            need no device sync to know whether the block runs.
+        keep_probs: block index -> ``(batch,)`` keep probabilities (differentiable during training).
+        lm_head_positions: positions whose logits each forward of the state computed.
+    """
+
+    context_mask: torch.Tensor | None = None
+    straight_through: bool = False
+    forced_skip: frozenset[int] | None = None
+    keep: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows_keeping: dict[int, str] = field(default_factory=dict)
+    keep_probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    lm_head_positions: list[int] = field(default_factory=list)
+
+
+ROUTING_STATE: ContextVar[RoutingState | None] = ContextVar("layerroute_routing_state", default=None)
+
+
+class Router(nn.Module):
+    """Decides from a step's context whether one block runs: ``Linear(hidden_size, 1)`` on pooled hidden states."""
+
+    def __init__(self, hidden_size: int, config: LayerRouteConfig):
+        super().__init__()
+        self.pooling = config.router_pooling
+        self.normalize = config.router_norm == "rms"
+        self.proj = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.constant_(self.proj.bias, config.router_init_bias)
+
+    def forward(self, hidden_states: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        """Keep logits of shape ``(batch,)`` from ``hidden_states`` ``(batch, seq_len, hidden)`` pooled over the
+        positions where ``context_mask`` ``(batch, seq_len)`` is true."""
+        hidden = hidden_states.float()
+        if self.normalize:
+            hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+        if context_mask is None:
+            context_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        mask = context_mask.to(device=hidden.device, dtype=torch.bool)
+        if self.pooling == "last":
+            positions = torch.arange(mask.shape[1], device=mask.device)
+            last = torch.where(mask, positions, -1).amax(dim=1).clamp(min=0)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        else:
+            weights = mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.proj(pooled.to(self.proj.weight.dtype)).squeeze(-1)
+
+
+class RoutedBlock(nn.Module):
+    """A decoder block behind its router.
+
+    Outside a routing state (the wrapped HF model called directly) the block always runs. Inside one:
+    training mixes ``h + g * (block(h) - h)`` with a hard 0/1 gate ``g`` that carries the sigmoid's gradient
+    (straight-through estimator); inference does not execute the block at all when every row of the batch skips
+    it, and keeps ``h`` for the rows that skip it when rows disagree.
+    """
+
+    def __init__(self, block: nn.Module, router: Router, layer_idx: int, threshold: float):
+        super().__init__()
+        self.block = block
+        self.router = router
+        self.layer_idx = layer_idx
+        self.threshold = threshold
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        state = ROUTING_STATE.get()
+        if state is None:
+            return self.block(hidden_states, *args, **kwargs)
+        keep = state.keep.get(self.layer_idx)
+        gate = None
+        if keep is None:
+            keep_prob = self._keep_probability(hidden_states, state)
+            keep = keep_prob > self.threshold
+            state.keep[self.layer_idx] = keep
+            state.rows_keeping[self.layer_idx] = "all" if bool(keep.all()) else "some" if bool(keep.any()) else "none"
+            state.keep_probs[self.layer_idx] = keep_prob
+            if state.straight_through:
+                gate = keep.to(keep_prob.dtype) + keep_prob - keep_prob.detach()
+        if state.straight_through:
+            if gate is None:
+                gate = keep.to(hidden_states.dtype)
+            output = self.block(hidden_states, *args, **kwargs)
+            return hidden_states + gate.to(hidden_states.dtype)[:, None, None] * (output - hidden_states)
+        rows_keeping = state.rows_keeping[self.layer_idx]
+        if rows_keeping == "none":
+            return hidden_states
+        output = self.block(hidden_states, *args, **kwargs)
+        if rows_keeping == "all":
+            return output
+        return torch.where(keep.to(output.device)[:, None, None], output, hidden_states)
+
+    def _keep_probability(self, hidden_states: torch.Tensor, state: RoutingState) -> torch.Tensor:
+        batch = hidden_states.shape[0]
+        if state.forced_skip is not None:
+            keep = 0.0 if self.layer_idx in state.forced_skip else 1.0
+            return torch.full((batch,), keep, device=hidden_states.device)
+        return torch.sigmoid(self.router(hidden_states, state.context_mask))
