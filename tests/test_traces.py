@@ -1,0 +1,147 @@
+"""Readers for every supported agent-log format, step typing and rendering, and bad-record handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from layerroute.cli import main as cli_main
+from layerroute.steps import count_steps, hermes_messages, tokenize_step, trace_steps
+from layerroute.traces import BadRecordError, read_traces
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def only_trace(name: str):
+    result = read_traces(FIXTURES / name)
+    assert not result.skipped
+    return result.traces
+
+
+def test_openai_format_keeps_parallel_calls_and_tool_results():
+    first, second = only_trace("openai.jsonl")
+    assert first.id == "t1" and first.tools[0]["function"]["name"] == "get_weather"
+    call_step, answer_step = trace_steps(first)
+    assert call_step.step_type == "tool_call" and answer_step.step_type == "planning"
+    assert [json.loads(c["function"]["arguments"]) for c in call_step.target["tool_calls"]] == [
+        {"city": "Paris"},
+        {"city": "Rome"},
+    ]
+    assert [m["role"] for m in answer_step.context] == ["system", "user", "assistant", "tool", "tool"]
+    assert count_steps([first, second]) == {"tool_call": 1, "planning": 2}
+
+
+def test_hermes_sharegpt_with_single_quoted_calls():
+    (trace,) = only_trace("hermes.json")
+    assert trace.tools[0]["function"]["name"] == "get_stock_price"
+    assert "<tools>" not in trace.messages[0]["content"]
+    call = trace.messages[2]["tool_calls"][0]
+    assert call["function"]["name"] == "get_stock_price"
+    assert json.loads(call["function"]["arguments"]) == {"symbol": "AAPL"}
+    tool = trace.messages[3]
+    assert tool["role"] == "tool" and tool["tool_call_id"] == call["id"] and tool["name"] == "get_stock_price"
+
+
+def test_glaive_function_calling_v2():
+    (trace,) = only_trace("glaive.jsonl")
+    assert trace.tools[0]["function"]["name"] == "calculate_bmi"
+    assert [m["role"] for m in trace.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert json.loads(trace.messages[2]["tool_calls"][0]["function"]["arguments"]) == {"weight": 70, "height": 1.75}
+    assert trace.messages[4]["content"] == "Your BMI is 22.86, which is in the healthy range."
+
+
+def test_gsm8k_records_are_one_planning_step_each():
+    traces = only_trace("gsm8k.jsonl")
+    assert count_steps(traces) == {"tool_call": 0, "planning": 2}
+    assert trace_steps(traces[0])[0].target["content"].endswith("#### 7")
+
+
+def test_langsmith_run_export():
+    (trace,) = only_trace("langsmith.jsonl")
+    assert trace.id == "run-1"
+    assert [m["role"] for m in trace.messages] == ["system", "user", "assistant"]
+    assert trace.messages[2]["tool_calls"][0]["function"]["name"] == "search"
+    assert trace.tools[0]["function"]["name"] == "search"
+
+
+def test_layerroute_callback_records():
+    (trace,) = only_trace("layerroute_steps.jsonl")
+    assert trace.messages[-1] == {"role": "assistant", "content": "First gather data, then decide."}
+
+
+def test_bad_record_stops_with_file_line_and_reason():
+    with pytest.raises(BadRecordError, match=r"malformed\.jsonl:2: invalid JSON"):
+        read_traces(FIXTURES / "malformed.jsonl")
+
+
+def test_bad_records_can_be_skipped_and_are_all_reported():
+    result = read_traces(FIXTURES / "malformed.jsonl", on_bad_record="skip")
+    assert [t.id for t in result.traces] == ["ok"]
+    assert [record.line for record in result.skipped] == [2, 3, 4, 5]
+    reasons = " | ".join(record.reason for record in result.skipped)
+    assert "role 'robot'" in reasons and "not valid JSON" in reasons and "no assistant message" in reasons
+
+
+def test_unrecognised_record_and_forced_format(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"prompt": "x", "completion": "y"}\n')
+    with pytest.raises(BadRecordError, match=r"odd\.jsonl:1: unrecognised record"):
+        read_traces(path)
+    with pytest.raises(BadRecordError, match="need non-empty string `question`"):
+        read_traces(path, format="gsm8k")
+
+
+def test_missing_file_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_traces(tmp_path / "nope.jsonl")
+
+
+def test_cli_counts_steps(capsys):
+    assert cli_main(["steps", str(FIXTURES / "openai.jsonl"), str(FIXTURES / "glaive.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "traces": 3,
+        "steps": {"tool_call": 2, "planning": 3},
+        "skipped_records": 0,
+    }
+    assert cli_main(["steps", str(FIXTURES / "malformed.jsonl")]) == 2
+    assert "malformed.jsonl:2" in capsys.readouterr().err
+    assert cli_main(["steps", "--on-bad-record", "skip", str(FIXTURES / "malformed.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped_records"] == 4
+
+
+def test_hermes_fallback_rendering_puts_tools_in_the_system_prompt():
+    (trace,) = only_trace("glaive.jsonl")
+    rendered = hermes_messages(trace.messages, trace.tools)
+    assert rendered[0]["role"] == "system" and "<tools>" in rendered[0]["content"]
+    assert rendered[2]["content"].startswith("<tool_call>\n{\"name\": \"calculate_bmi\"")
+    assert rendered[3] == {"role": "user", "content": '<tool_response>\n{"bmi": 22.86}\n</tool_response>'}
+
+
+@pytest.mark.slow
+def test_tokenized_step_targets_and_left_truncation_on_smollm2(smollm2):
+    _, tokenizer = smollm2
+    (trace, _) = only_trace("openai.jsonl")
+    call_step, answer_step = trace_steps(trace)
+    tokenized = tokenize_step(call_step, tokenizer)
+    assert tokenizer.decode(tokenized.target_ids).startswith('<tool_call>\n{"name": "get_weather"')
+    assert tokenizer.decode(tokenized.target_ids).endswith("<|im_end|>")
+    assert tokenizer.decode(tokenized.context_ids).endswith("<|im_start|>assistant\n")
+    full = tokenize_step(answer_step, tokenizer)
+    budget = len(full.context_ids) - 20
+    cut = tokenize_step(answer_step, tokenizer, max_context_tokens=budget)
+    assert len(cut.context_ids) == budget
+    assert cut.context_ids[-(budget - 200):] == full.context_ids[-(budget - 200):]
+    assert "get_weather" in tokenizer.decode(cut.context_ids[:200])  # tool schemas kept
+    with pytest.raises(ValueError, match="system prompt and tool schemas alone"):
+        tokenize_step(answer_step, tokenizer, max_context_tokens=50)
+
+
+def test_qwen_style_templates_render_tools_natively():
+    from layerroute.steps import supports_tools
+
+    class Template:
+        chat_template = "{% if tools %}...{% endif %}{% for m in messages %}{{ m.tool_calls }}{% endfor %}"
+
+    assert supports_tools(Template())
