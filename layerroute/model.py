@@ -7,6 +7,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +169,18 @@ class LayerRouteModel(nn.Module):
     @property
     def lora_merged(self) -> bool:
         return any(module.merged for module in self._lora_layers())
+
+    @contextmanager
+    def lora_disabled(self):
+        """Run the frozen base model's weights (LoRA off) inside the block, e.g. to measure the base."""
+        layers = self._lora_layers()
+        for module in layers:
+            module.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for module in layers:
+                module.enable_adapters(True)
 
     def _lora_layers(self) -> list[nn.Module]:
         return [module for module in self.base_model.modules() if isinstance(module, LoraLayer)]

@@ -93,10 +93,30 @@ def openai_tool(function: dict) -> dict:
             return [fix(item) for item in schema]
         return schema
 
-    return {"type": "function", "function": fix(function)}
+    return {"type": "function", "function": shorten_descriptions(fix(function))}
 
 
-def with_distractors(tools: list[dict], pool: list[dict], rng: random.Random, low: int = 2, high: int = 6) -> list:
+def shorten_descriptions(schema, limit: int = 120):
+    """Cut every description to its first sentence (at most ``limit`` characters).
+
+    BFCL's docs run to thousands of tokens per tool; trimmed, a step's context fits the CPU training budget while
+    names, types, enums and required fields stay as published.
+    """
+    if isinstance(schema, dict):
+        out = {}
+        for key, value in schema.items():
+            if key == "description" and isinstance(value, str):
+                value = value.split("Tool description: ")[-1]
+                sentence = re.split(r"(?<=[.!?])\s", value.strip(), maxsplit=1)[0]
+                value = sentence if len(sentence) <= limit else sentence[: limit - 3].rstrip() + "..."
+            out[key] = shorten_descriptions(value, 60) if key != "description" else value
+        return out
+    if isinstance(schema, list):
+        return [shorten_descriptions(item, limit) for item in schema]
+    return schema
+
+
+def with_distractors(tools: list[dict], pool: list[dict], rng: random.Random, low: int = 1, high: int = 2) -> list:
     """Pad a trace's tools with others from the shared pool, so the number of tools says nothing about the step."""
     names = {t["function"]["name"] for t in tools}
     wanted = max(len(tools), rng.randint(low, high))
@@ -147,8 +167,8 @@ def bfcl_multi_turn(root: Path, pool: list[dict], rng: random.Random) -> list[di
         used = {parse_call(call)[0] for turn in answers[entry["id"]] for call in turn}
         available = {f["name"]: f for cls in entry["involved_classes"] for f in docs[cls]}
         tools = [openai_tool(available[name]) for name in sorted(used) if name in available]
-        tools = with_distractors(tools, [openai_tool(f) for f in available.values()], rng, len(tools) + 1,
-                                 len(tools) + 3)
+        tools = with_distractors(tools, [openai_tool(f) for f in available.values()], rng, len(tools),
+                                 len(tools))
         messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}]
         for turn, (question, calls) in enumerate(zip(entry["question"], answers[entry["id"]])):
             messages.extend({"role": m["role"], "content": m["content"]} for m in question)

@@ -1,0 +1,408 @@
+"""``ChatLayerRoute``: a LangChain chat model served by a LayerRoute-routed local LM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field, PrivateAttr
+from transformers import TextIteratorStreamer
+
+from layerroute import LayerRouteModel, load_base_model
+from layerroute.steps import render_chat
+from layerroute.toolcalls import parse_tool_calls
+
+DEFAULT_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-instruct"
+TOOL_CHOICE_KEYWORDS = ("auto", "none", "any", "required")
+
+
+class _Runtime:
+    """The loaded model and tokenizer, shared by every call of one ``ChatLayerRoute``."""
+
+    def __init__(self, model: LayerRouteModel, tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.seed_lock = threading.Lock()
+
+
+class ChatLayerRoute(BaseChatModel):
+    """Chat model whose every answer skips the transformer blocks its routers judge unneeded for that step.
+
+    Each returned ``AIMessage`` carries ``response_metadata["layerroute"]`` with ``step_type`` (``tool_call`` or
+    ``planning``), ``skipped_layers``, ``num_layers``, ``layers_skipped_frac``, ``flops_total``, ``flops_skipped``,
+    ``flops_skipped_frac`` and ``latency_s``.
+
+    Construction is cheap: the model loads on the first call.
+
+    Example:
+        ```python
+        from langchain_layerroute import ChatLayerRoute
+
+        llm = ChatLayerRoute()  # embedded SmolLM2-135M-Instruct with the shipped adapter
+        llm.bind_tools([get_weather]).invoke("What's the weather in Paris?")
+        ```
+    """
+
+    model: str | None = Field(default=None, alias="model_name")
+    """Base model: hub id, local directory or ``.gguf`` file; ``None`` is the embedded SmolLM2-135M-Instruct."""
+    adapter: str | None = None
+    """LayerRoute adapter directory; ``None`` uses the adapter shipped for the embedded model (when the base is the
+    embedded model), ``"none"`` runs the base with fresh routers that keep every block."""
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    seed: int | None = None
+    """Seeds sampling (process-wide torch RNG, taken under a lock) for reproducible non-greedy answers."""
+    timeout: float | None = None
+    """Wall-clock limit in seconds for one generation (HF ``max_time``)."""
+    max_retries: int = 0
+    """Accepted for interface compatibility; local generation is not retried."""
+    streaming: bool = False
+    device: str | None = None
+    trust_remote_code: bool = False
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
+
+    _runtime: _Runtime | None = PrivateAttr(default=None)
+    _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def _llm_type(self) -> str:
+        return "layerroute"
+
+    @property
+    def model_name(self) -> str:
+        return self.model or "embedded:SmolLM2-135M-Instruct"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model_name, "adapter": self.adapter, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "top_p": self.top_p}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "layerroute"
+        params["ls_model_name"] = kwargs.get("model", self.model_name)
+        params["ls_temperature"] = self.temperature
+        params["ls_max_tokens"] = self.max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    # ------------------------------------------------------------------ loading
+    def _load(self) -> _Runtime:
+        if self._runtime is None:
+            with self._load_lock:
+                if self._runtime is None:
+                    base, tokenizer = load_base_model(self.model, device=self.device,
+                                                      trust_remote_code=self.trust_remote_code)
+                    adapter = self.adapter
+                    if adapter is None and self.model is None and DEFAULT_ADAPTER.is_dir():
+                        adapter = str(DEFAULT_ADAPTER)
+                    if adapter and adapter != "none":
+                        routed = LayerRouteModel.from_pretrained(adapter, base_model=base)
+                    else:
+                        routed = LayerRouteModel.from_base(base)
+                    routed.eval()
+                    routed.merge_lora()
+                    self._runtime = _Runtime(routed, tokenizer)
+        return self._runtime
+
+    def get_token_ids(self, text: str) -> list[int]:
+        return self._load().tokenizer(text, add_special_tokens=False).input_ids
+
+    # ------------------------------------------------------------------ tools
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | bool | dict | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (OpenAI schemas, LangChain tools, pydantic models or functions).
+
+        ``tool_choice``: ``"auto"`` (default), ``"none"`` (tools hidden), ``"any"`` / ``"required"`` / ``True``
+        (must call some tool), a tool name or ``{"type": "function", "function": {"name": ...}}`` (must call it).
+        """
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        names = [tool["function"]["name"] for tool in formatted]
+        return super().bind(tools=formatted, tool_choice=_normalize_tool_choice(tool_choice, names), **kwargs)
+
+    # ------------------------------------------------------------------ generation
+    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> dict:
+        if kwargs.get("model") not in (None, self.model, self.model_name):
+            raise ValueError(f"this ChatLayerRoute serves {self.model_name!r}; construct another ChatLayerRoute "
+                             f"for {kwargs['model']!r}")
+        runtime = self._load()
+        tools = kwargs.get("tools") or []
+        tool_choice = kwargs.get("tool_choice")
+        if tool_choice is not None and not isinstance(tool_choice, tuple):
+            tool_choice = _normalize_tool_choice(tool_choice, [t["function"]["name"] for t in tools])
+        canonical = [_to_openai_message(message) for message in messages]
+        visible_tools = [] if tool_choice == ("none",) else tools
+        prompt = render_chat(runtime.tokenizer, canonical, visible_tools, add_generation_prompt=True)
+        forced_prefix = ""
+        if tool_choice and tool_choice[0] == "required":
+            forced_prefix = "<tool_call>\n"
+        elif tool_choice and tool_choice[0] == "name":
+            forced_prefix = '<tool_call>\n{"name": ' + json.dumps(tool_choice[1]) + ', "arguments": '
+        inputs = runtime.tokenizer(prompt + forced_prefix, return_tensors="pt", add_special_tokens=False)
+        stop = list(stop or kwargs.get("stop") or self.stop or [])
+        generate_kwargs: dict[str, Any] = {
+            "max_new_tokens": kwargs.get("max_tokens", self.max_tokens),
+            "pad_token_id": runtime.tokenizer.pad_token_id,
+        }
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature and temperature > 0:
+            generate_kwargs.update(do_sample=True, temperature=temperature, top_p=kwargs.get("top_p", self.top_p))
+        else:
+            generate_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop:
+            generate_kwargs.update(stop_strings=stop, tokenizer=runtime.tokenizer)
+        if self.timeout:
+            generate_kwargs["max_time"] = self.timeout
+        device = runtime.model.device
+        return {"runtime": runtime, "input_ids": inputs.input_ids.to(device),
+                "attention_mask": inputs.attention_mask.to(device), "generate_kwargs": generate_kwargs,
+                "forced_prefix": forced_prefix, "stop": stop, "seed": kwargs.get("seed", self.seed)}
+
+    def _run(self, prepared: dict, streamer=None) -> tuple[torch.Tensor, Any, float]:
+        runtime = prepared["runtime"]
+        began = time.perf_counter()
+
+        def call():
+            return runtime.model.generate(prepared["input_ids"], prepared["attention_mask"], streamer=streamer,
+                                          **prepared["generate_kwargs"])
+
+        if prepared["seed"] is not None and prepared["generate_kwargs"].get("do_sample"):
+            with runtime.seed_lock:
+                torch.manual_seed(prepared["seed"])
+                sequences = call()
+        else:
+            sequences = call()
+        return sequences, runtime.model.last_route, time.perf_counter() - began
+
+    def _finish(self, prepared: dict, sequences: torch.Tensor, route, latency: float) -> AIMessage:
+        runtime = prepared["runtime"]
+        new_tokens = sequences[0, prepared["input_ids"].shape[1]:]
+        text = prepared["forced_prefix"] + runtime.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        text = _cut_at_stop(text, prepared["stop"])
+        parsed = parse_tool_calls(text)
+        tool_calls = [{"name": c.name, "args": c.arguments, "id": f"call_{uuid.uuid4().hex[:24]}",
+                       "type": "tool_call"} for c in parsed.tool_calls]
+        invalid = [{"name": c.name, "args": c.text, "id": f"call_{uuid.uuid4().hex[:24]}", "error": c.error,
+                    "type": "invalid_tool_call"} for c in parsed.invalid_tool_calls]
+        output_tokens = int(new_tokens.numel())
+        input_tokens = int(prepared["input_ids"].shape[1])
+        return AIMessage(
+            content=parsed.content if (tool_calls or invalid) else text.strip(),
+            tool_calls=tool_calls,
+            invalid_tool_calls=invalid,
+            usage_metadata=UsageMetadata(input_tokens=input_tokens, output_tokens=output_tokens,
+                                         total_tokens=input_tokens + output_tokens),
+            response_metadata={
+                "model_name": self.model_name,
+                "model_provider": "layerroute",
+                "finish_reason": "tool_calls" if tool_calls else "stop",
+                "layerroute": {"step_type": "tool_call" if (tool_calls or invalid) else "planning",
+                               **route.to_dict(), "latency_s": latency},
+            },
+        )
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        prepared = self._prepare(messages, stop, kwargs)
+        message = self._finish(prepared, *self._run(prepared))
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        # Generation is compute-bound torch work; a worker thread keeps the event loop free, and route stats are
+        # per thread, so concurrent calls never mix them up.
+        return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        prepared = self._prepare(messages, stop, kwargs)
+        streamer = TextIteratorStreamer(prepared["runtime"].tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict[str, Any] = {}
+
+        def worker():
+            try:
+                result["value"] = self._run(prepared, streamer)
+            except BaseException as error:  # re-raised in the caller's thread
+                result["error"] = error
+                streamer.end()
+
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()
+        # Prose streams as it arrives; once a tool call starts, text is held back and the parsed calls come at the
+        # end, so no raw <tool_call> markup ever reaches the consumer.
+        emitted, holding = "", bool(prepared["forced_prefix"])
+        for piece in streamer:
+            if holding:
+                continue
+            pending = emitted + piece
+            cut = _safe_prefix(_cut_at_stop(pending, prepared["stop"]), prepared["stop"])
+            if "<tool_call>" in pending:
+                cut = pending[: pending.index("<tool_call>")]
+                holding = True
+            if len(cut) > len(emitted):
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=cut[len(emitted):]))
+                if run_manager:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+                emitted = cut
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        final = self._finish(prepared, *result["value"])
+        full_text = final.content if isinstance(final.content, str) else ""
+        tail = full_text[len(emitted.strip()):] if full_text.startswith(emitted.strip()) else ""
+        chunk = ChatGenerationChunk(message=AIMessageChunk(
+            content=tail,
+            tool_call_chunks=[{"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i,
+                               "type": "tool_call_chunk"} for i, c in enumerate(final.tool_calls)],
+            invalid_tool_calls=final.invalid_tool_calls,
+            usage_metadata=final.usage_metadata,
+            response_metadata=final.response_metadata,
+            chunk_position="last",
+        ))
+        if run_manager and tail:
+            run_manager.on_llm_new_token(tail, chunk=chunk)
+        yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        def produce():
+            try:
+                for chunk in self._stream(messages, stop, None, **kwargs):
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            except BaseException as error:
+                loop.call_soon_threadsafe(queue.put_nowait, error)
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        producer = loop.run_in_executor(None, produce)
+        while (item := await queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            if run_manager and item.text:
+                await run_manager.on_llm_new_token(item.text, chunk=item)
+            yield item
+        await producer
+
+
+def _normalize_tool_choice(tool_choice, names: list[str]) -> tuple | None:
+    """``None`` / ``("none",)`` / ``("required",)`` / ``("name", NAME)``; a clear error for anything else."""
+    if tool_choice is None or tool_choice == "auto" or tool_choice is False:
+        return None
+    if isinstance(tool_choice, tuple):
+        return tool_choice
+    if tool_choice == "none":
+        return ("none",)
+    if tool_choice in ("any", "required") or tool_choice is True:
+        if not names:
+            raise ValueError(f"tool_choice={tool_choice!r} needs at least one bound tool")
+        return ("required",) if len(names) > 1 else ("name", names[0])
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+        if not isinstance(name, str):
+            raise ValueError(f"tool_choice dict must name a function, got {tool_choice!r}")
+        tool_choice = name
+    if isinstance(tool_choice, str):
+        if tool_choice not in names:
+            raise ValueError(
+                f"tool_choice={tool_choice!r} is neither one of {TOOL_CHOICE_KEYWORDS} nor a bound tool "
+                f"(bound: {names})"
+            )
+        return ("name", tool_choice)
+    raise ValueError(f"unsupported tool_choice {tool_choice!r}; use one of {TOOL_CHOICE_KEYWORDS}, a tool name or "
+                     "{'type': 'function', 'function': {'name': ...}}")
+
+
+def _to_openai_message(message: BaseMessage) -> dict:
+    content = message.content if isinstance(message.content, str) else "".join(
+        part.get("text", "") if isinstance(part, dict) else str(part) for part in message.content
+    )
+    if isinstance(message, SystemMessage):
+        return {"role": "system", "content": content}
+    if isinstance(message, HumanMessage):
+        return {"role": "user", "content": content}
+    if isinstance(message, AIMessage):
+        out: dict[str, Any] = {"role": "assistant", "content": content}
+        if message.tool_calls:
+            out["tool_calls"] = [{"id": c.get("id") or f"call_{i}", "type": "function",
+                                  "function": {"name": c["name"], "arguments": json.dumps(c["args"])}}
+                                 for i, c in enumerate(message.tool_calls)]
+        return out
+    if isinstance(message, ToolMessage):
+        return {"role": "tool", "content": content, "tool_call_id": message.tool_call_id,
+                "name": message.name or ""}
+    if isinstance(message, ChatMessage) and message.role in ("system", "user", "assistant"):
+        return {"role": message.role, "content": content}
+    raise ValueError(f"ChatLayerRoute cannot render a {type(message).__name__}")
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> str:
+    positions = [text.find(s) for s in stop if s and s in text]
+    return text[: min(positions)] if positions else text
+
+
+def _safe_prefix(text: str, stop: list[str]) -> str:
+    """Hold back a trailing partial ``<tool_call>`` tag or stop sequence: streamed text never shows either."""
+    for marker in ["<tool_call>", *stop]:
+        for length in range(min(len(marker) - 1, len(text)), 0, -1):
+            if text.endswith(marker[:length]):
+                text = text[:-length]
+                break
+    return text
+

@@ -1,0 +1,219 @@
+"""Step-cost records and the trace cost report: framework-free, so any integration can produce records.
+
+A step-cost record is one JSON object per model step (written by e.g. the LangChain callback). The report
+aggregates records per step type, turns FLOPs into money with a :class:`PriceModel`, and projects savings.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RECORD_TYPE = "layerroute.step"
+
+
+@dataclass
+class StepCostRecord:
+    """One model step of an agent run.
+
+    ``flops_total`` is what the full-depth model would spend on the step; ``flops_executed`` what LayerRoute spent.
+    """
+
+    trace_id: str
+    run_id: str
+    step_index: int
+    step_type: str
+    input_tokens: int
+    output_tokens: int
+    flops_total: int
+    flops_skipped: int
+    skipped_layers: list[int]
+    num_layers: int
+    latency_s: float
+    model_name: str = ""
+    node: str | None = None
+    graph_step: int | None = None
+    parent_run_id: str | None = None
+    timestamp: float | None = None
+    tools: list[dict] | None = None
+    messages: list[dict] | None = None
+    output: dict | None = None
+    record_type: str = RECORD_TYPE
+
+    @property
+    def flops_executed(self) -> int:
+        return self.flops_total - self.flops_skipped
+
+    def to_dict(self) -> dict:
+        values = {k: v for k, v in asdict(self).items() if v is not None}
+        values["flops_executed"] = self.flops_executed
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "StepCostRecord":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class PriceModel:
+    """Turns FLOPs into dollars: either ``usd_per_tflop`` directly, or a GPU-hour price at an achieved FLOP rate."""
+
+    usd_per_gpu_hour: float = 2.0
+    achieved_tflops: float = 100.0
+    usd_per_tflop: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.usd_per_tflop is None and (self.usd_per_gpu_hour <= 0 or self.achieved_tflops <= 0):
+            raise ValueError("usd_per_gpu_hour and achieved_tflops must be positive (or give usd_per_tflop)")
+
+    def usd(self, flops: float) -> float:
+        per_tflop = self.usd_per_tflop if self.usd_per_tflop is not None else \
+            self.usd_per_gpu_hour / 3600.0 / self.achieved_tflops
+        return flops / 1e12 * per_tflop
+
+    def describe(self) -> str:
+        if self.usd_per_tflop is not None:
+            return f"${self.usd_per_tflop:g} per TFLOP"
+        return f"${self.usd_per_gpu_hour:g} per GPU-hour at {self.achieved_tflops:g} TFLOP/s achieved"
+
+
+def read_records(path: str | Path) -> list[StepCostRecord]:
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            values = json.loads(line)
+            if values.get("record_type") != RECORD_TYPE:
+                raise ValueError(f"record_type is {values.get('record_type')!r}, expected {RECORD_TYPE!r}")
+            records.append(StepCostRecord.from_dict(values))
+        except (json.JSONDecodeError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}:{number}: not a LayerRoute step-cost record ({error})") from None
+    return records
+
+
+@dataclass
+class CostReport:
+    """Per step type: steps, tokens, FLOPs spent against full depth, savings, latency; plus a daily projection."""
+
+    by_step_type: dict[str, dict]
+    totals: dict
+    price: PriceModel
+    projection: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_records(cls, records: list[StepCostRecord], price: PriceModel | None = None,
+                     steps_per_day: int = 1_000_000) -> "CostReport":
+        if not records:
+            raise ValueError("no step-cost records to report on")
+        price = price or PriceModel()
+        groups = defaultdict(list)
+        for record in records:
+            groups[record.step_type].append(record)
+        by_type = {kind: cls._aggregate(items, price) for kind, items in sorted(groups.items())}
+        totals = cls._aggregate(records, price)
+        totals["traces"] = len({r.trace_id for r in records})
+        mix = {kind: len(items) / len(records) for kind, items in groups.items()}
+        per_step_full = totals["flops_total"] / len(records)
+        per_step_spent = totals["flops_executed"] / len(records)
+        projection = {
+            "steps_per_day": steps_per_day,
+            "observed_mix": mix,
+            "full_depth_usd_per_day": price.usd(per_step_full * steps_per_day),
+            "layerroute_usd_per_day": price.usd(per_step_spent * steps_per_day),
+        }
+        projection["saved_usd_per_day"] = projection["full_depth_usd_per_day"] - projection["layerroute_usd_per_day"]
+        return cls(by_type, totals, price, projection)
+
+    @staticmethod
+    def _aggregate(records: list[StepCostRecord], price: PriceModel) -> dict:
+        total = sum(r.flops_total for r in records)
+        executed = sum(r.flops_executed for r in records)
+        return {
+            "steps": len(records),
+            "input_tokens": sum(r.input_tokens for r in records),
+            "output_tokens": sum(r.output_tokens for r in records),
+            "flops_total": total,
+            "flops_executed": executed,
+            "flops_saved_frac": 1 - executed / total if total else 0.0,
+            "mean_layers_skipped_frac": statistics.fmean(len(r.skipped_layers) / r.num_layers for r in records),
+            "median_latency_s": statistics.median(r.latency_s for r in records),
+            "usd_full_depth": price.usd(total),
+            "usd_layerroute": price.usd(executed),
+        }
+
+    def to_dict(self) -> dict:
+        return {"by_step_type": self.by_step_type, "totals": self.totals, "price_model": self.price.describe(),
+                "projection": self.projection}
+
+    def to_markdown(self) -> str:
+        lines = ["# LayerRoute trace cost report", "",
+                 f"{self.totals['steps']} steps in {self.totals['traces']} traces; prices: {self.price.describe()}.",
+                 "", "| step type | steps | tokens in / out | GFLOPs spent | GFLOPs full depth | saved | "
+                 "blocks skipped | median latency |", "|---|---|---|---|---|---|---|---|"]
+        for kind, row in [*self.by_step_type.items(), ("all", self.totals)]:
+            lines.append(
+                f"| {kind} | {row['steps']} | {row['input_tokens']} / {row['output_tokens']} | "
+                f"{row['flops_executed'] / 1e9:.1f} | {row['flops_total'] / 1e9:.1f} | {row['flops_saved_frac']:.1%} | "
+                f"{row['mean_layers_skipped_frac']:.1%} | {row['median_latency_s']:.3f} s |"
+            )
+        p = self.projection
+        lines += ["", f"Projection at {p['steps_per_day']:,} steps a day with the observed mix "
+                      f"({', '.join(f'{k} {v:.0%}' for k, v in p['observed_mix'].items())}): "
+                      f"full depth ${p['full_depth_usd_per_day']:,.2f}/day, LayerRoute "
+                      f"${p['layerroute_usd_per_day']:,.2f}/day, saving ${p['saved_usd_per_day']:,.2f}/day."]
+        return "\n".join(lines) + "\n"
+
+    def to_html(self) -> str:
+        """A self-contained page (inline CSS and SVG chart, no scripts or external files)."""
+        rows = "".join(
+            f"<tr><td>{html.escape(kind)}</td><td>{row['steps']}</td><td>{row['input_tokens']} / "
+            f"{row['output_tokens']}</td><td>{row['flops_executed'] / 1e9:.1f}</td>"
+            f"<td>{row['flops_total'] / 1e9:.1f}</td><td>{row['flops_saved_frac']:.1%}</td>"
+            f"<td>{row['mean_layers_skipped_frac']:.1%}</td><td>{row['median_latency_s']:.3f} s</td></tr>"
+            for kind, row in [*self.by_step_type.items(), ("all", self.totals)]
+        )
+        p = self.projection
+        return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>LayerRoute trace cost report</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:60rem;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}th{{background:#f3f3f3}}</style></head>
+<body><h1>LayerRoute trace cost report</h1>
+<p>{self.totals['steps']} steps in {self.totals['traces']} traces. Prices: {html.escape(self.price.describe())}.</p>
+<table><tr><th>step type</th><th>steps</th><th>tokens in / out</th><th>GFLOPs spent</th>
+<th>GFLOPs full depth</th><th>saved</th><th>blocks skipped</th><th>median latency</th></tr>{rows}</table>
+<h2>FLOPs per step type</h2>{self._svg_chart()}
+<h2>Projection</h2><p>At {p['steps_per_day']:,} steps a day with the observed mix
+({html.escape(', '.join(f'{k} {v:.0%}' for k, v in p['observed_mix'].items()))}): full depth
+${p['full_depth_usd_per_day']:,.2f}/day, LayerRoute ${p['layerroute_usd_per_day']:,.2f}/day,
+saving <b>${p['saved_usd_per_day']:,.2f}/day</b>.</p></body></html>
+"""
+
+    def _svg_chart(self) -> str:
+        kinds = list(self.by_step_type)
+        peak = max(row["flops_total"] for row in self.by_step_type.values()) or 1
+        bar, gap, width = 28, 22, 420
+        parts = []
+        for index, kind in enumerate(kinds):
+            row = self.by_step_type[kind]
+            y = index * (2 * bar + gap) + 10
+            full = row["flops_total"] / peak * width
+            spent = row["flops_executed"] / peak * width
+            parts.append(
+                f'<text x="0" y="{y + bar}" font-size="13">{html.escape(kind)}</text>'
+                f'<rect x="110" y="{y}" width="{full:.1f}" height="{bar}" fill="#c9d6e8"/>'
+                f'<text x="{115 + full:.1f}" y="{y + 19}" font-size="12">full depth {row["flops_total"] / 1e9:.1f} '
+                f'GFLOPs</text>'
+                f'<rect x="110" y="{y + bar}" width="{spent:.1f}" height="{bar}" fill="#2f6db5"/>'
+                f'<text x="{115 + spent:.1f}" y="{y + bar + 19}" font-size="12">LayerRoute '
+                f'{row["flops_executed"] / 1e9:.1f} GFLOPs</text>'
+            )
+        height = len(kinds) * (2 * bar + gap) + 10
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="760" height="{height}" role="img" '
+                f'aria-label="FLOPs per step type">{"".join(parts)}</svg>')

@@ -1,0 +1,216 @@
+"""Train LayerRoute routers + LoRA on your own agent logs.
+
+    python training/finetune.py                                  # embedded SmolLM2-135M + embedded corpus, CPU-sized
+    python training/finetune.py --data logs/*.jsonl --model Qwen/Qwen2.5-0.5B-Instruct --output runs/mine
+    python training/finetune.py --preset seed                    # the published setting (GPU): Qwen2.5-0.5B, 3,000 steps
+    accelerate launch training/finetune.py ...                   # several GPUs / nodes (DDP)
+    python training/finetune.py --output runs/x --resume         # continue an interrupted run
+
+Loss: next-token loss on each step's target tokens (the LM head runs only there) plus the gate regulariser. Step
+types never reach the loss; they are used only for the held-out report at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noqa: E402
+from layerroute.evaluation import routing_report, write_training_report  # noqa: E402
+from layerroute.traces import read_sources  # noqa: E402
+from layerroute.training import batches, build_examples, collate, gate_regularizer  # noqa: E402
+
+CORPUS = ROOT / "training" / "data" / "corpus"
+PRESETS = {
+    # What runs in minutes on a 2-core CPU (the default).
+    "cpu": dict(model=None, steps=150, batch_size=4, lr=1e-3, router_lr=1e-2, max_length=768),
+    # The published setting, for a GPU.
+    "seed": dict(model="Qwen/Qwen2.5-0.5B-Instruct", steps=3000, batch_size=8, lr=2e-4, router_lr=1e-2,
+                 max_length=1536),
+}
+RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing",
+                 "target_skip_rate", "regularizer_weight", "router_pooling", "router_init_bias")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--model", default=argparse.SUPPRESS, help="hub id, local dir or .gguf (default: embedded)")
+    parser.add_argument("--data", nargs="+", default=None,
+                        help="agent logs (JSON/JSONL, any supported format) or dataset names; default: embedded corpus")
+    parser.add_argument("--validation-data", nargs="+", default=None, help="held-out logs for the final report")
+    parser.add_argument("--steps", type=int, default=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=argparse.SUPPRESS)
+    parser.add_argument("--lr", type=float, default=argparse.SUPPRESS, help="LoRA learning rate")
+    parser.add_argument("--router-lr", type=float, default=argparse.SUPPRESS)
+    parser.add_argument("--max-length", type=int, default=argparse.SUPPRESS, help="context token budget per step")
+    parser.add_argument("--max-target-length", type=int, default=192)
+    parser.add_argument("--target-skip-rate", type=float, default=LayerRouteConfig.target_skip_rate)
+    parser.add_argument("--regularizer-weight", type=float, default=LayerRouteConfig.regularizer_weight)
+    parser.add_argument("--router-pooling", choices=("mean", "last"), default=LayerRouteConfig.router_pooling)
+    parser.add_argument("--router-init-bias", type=float, default=LayerRouteConfig.router_init_bias)
+    parser.add_argument("--output", type=Path, default=ROOT / "runs" / "default")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-routing", action="store_true", help="LoRA-only baseline with the same budget")
+    parser.add_argument("--checkpoint-every", type=int, default=25)
+    parser.add_argument("--report-steps", type=int, default=200, help="held-out steps in the final routing report")
+    parser.add_argument("--on-bad-record", choices=("raise", "skip"), default="raise")
+    args = parser.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    return args
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, args) -> None:
+    """Adapter + optimizer + scheduler + step, written to a staging directory and swapped in atomically."""
+    staging = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+               staging / "training_state.pt")
+    (staging / "run.json").write_text(json.dumps(run_identity(args), indent=2))
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(staging, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_identity(args) -> dict:
+    return {key: (str(v) if isinstance(v := getattr(args, key), Path) else v) for key in RUN_ARGUMENTS}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    torch.manual_seed(args.seed)
+    output, checkpoint = args.output, args.output / "checkpoint"
+    if checkpoint.exists() and not args.resume:
+        raise SystemExit(f"{output} already holds a run; pass --resume to continue it or choose another --output")
+    if args.resume:
+        if not checkpoint.exists():
+            raise SystemExit(f"--resume: {checkpoint} does not exist")
+        recorded = json.loads((checkpoint / "run.json").read_text())
+        if recorded != run_identity(args):
+            changed = {k: (recorded.get(k), v) for k, v in run_identity(args).items() if recorded.get(k) != v}
+            raise SystemExit(f"--resume: {output} holds a different run; changed settings (saved, now): {changed}")
+
+    # ---------------------------------------------------------------- data
+    sources = args.data or [str(CORPUS / "train.jsonl.gz")]
+    base, tokenizer = load_base_model(args.model)
+    read = read_sources(sources, on_bad_record=args.on_bad_record)
+    if read.skipped:
+        accelerator.print(f"skipped {len(read.skipped)} unreadable records: {read.skipped_summary()}")
+    if not read.traces:
+        raise SystemExit(f"no traces in {sources}")
+    train = build_examples(read.traces, tokenizer, args.max_length, args.max_target_length)
+    accelerator.print(f"training steps by type (reporting only): {train.counts()}; dropped: {dict(train.dropped)}")
+
+    # ---------------------------------------------------------------- model and optimiser
+    if args.resume:
+        model = LayerRouteModel.from_pretrained(checkpoint, base_model=base)
+    else:
+        config = LayerRouteConfig(target_skip_rate=args.target_skip_rate, regularizer_weight=args.regularizer_weight,
+                                  router_pooling=args.router_pooling, router_init_bias=args.router_init_bias)
+        model = LayerRouteModel.from_base(base, config, base_model_name_or_path=args.model)
+    config = model.config
+    if args.no_routing:
+        for router in model.routers:
+            router.requires_grad_(False)
+    routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
+    groups = [{"params": lora, "lr": args.lr}] + ([{"params": routers, "lr": args.router_lr}] if routers else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    warmup = max(args.steps // 20, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
+    )
+    start = 0
+    if args.resume:
+        state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+        accelerator.print(f"resuming {output} at step {start}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    model.train()
+
+    # ---------------------------------------------------------------- loop
+    output.mkdir(parents=True, exist_ok=True)
+    metrics_path = output / "metrics.jsonl"
+    if start == 0:
+        metrics_path.unlink(missing_ok=True)
+    interrupted = False
+
+    def stop(*_):
+        nonlocal interrupted
+        interrupted = True
+
+    signal.signal(signal.SIGINT, stop)
+    shard = accelerator.process_index
+    order = batches(len(train.examples), args.batch_size * accelerator.num_processes, args.seed, start)
+    progress = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not accelerator.is_main_process)
+    for step in progress:
+        indices = next(order)[shard :: accelerator.num_processes]
+        batch = {k: v.to(accelerator.device) for k, v in collate([train.examples[i] for i in indices],
+                                                                 tokenizer.pad_token_id).items()}
+        began = time.perf_counter()
+        with accelerator.autocast():
+            out = model(**batch, forced_skip=() if args.no_routing else None)
+            regularizer = torch.zeros((), device=out.loss.device) if args.no_routing else \
+                gate_regularizer(out.keep_probs, out.keep, config)
+            loss = out.loss + regularizer
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        skip_rate = 1.0 - out.keep.float().mean().item()
+        record = {"step": step + 1, "loss": loss.item(), "lm_loss": out.loss.item(),
+                  "regularizer": regularizer.item(), "skip_rate": skip_rate,
+                  "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - began}
+        if accelerator.is_main_process:
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        progress.set_postfix(loss=f"{record['lm_loss']:.3f}", skip=f"{skip_rate:.1%}")
+        done = step + 1
+        if accelerator.is_main_process and (done % args.checkpoint_every == 0 or done == args.steps or interrupted):
+            save_checkpoint(checkpoint, unwrapped, optimizer, scheduler, done, args)
+        if interrupted:
+            accelerator.print(f"\ninterrupted at step {done}; resume with: python training/finetune.py "
+                              f"--output {output} --resume")
+            return 130
+
+    # ---------------------------------------------------------------- adapter and report
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output)
+        held_out = read_sources(args.validation_data or [str(CORPUS / "validation.jsonl.gz")]).traces
+        examples = build_examples(held_out, tokenizer, args.max_length, args.max_target_length).examples
+        report = routing_report(unwrapped.eval(), examples[: args.report_steps])
+        write_training_report(output, report, metrics_path, run_identity(args))
+        summary = {kind: {k: v for k, v in values.items() if k != "block_skip_rate"}
+                   for kind, values in report["by_step_type"].items()}
+        accelerator.print(json.dumps(summary, indent=2))
+        accelerator.print(f"adapter and report written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
