@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+from pathlib import Path
+
+from .costs import CostReport, PriceModel, read_records
 from .steps import count_steps
 from .traces import FORMATS, BadRecordError, read_sources
 
@@ -23,6 +26,19 @@ def steps_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_command(args: argparse.Namespace) -> int:
+    price = PriceModel(usd_per_gpu_hour=args.usd_per_gpu_hour, achieved_tflops=args.achieved_tflops,
+                       usd_per_tflop=args.usd_per_tflop)
+    report = CostReport.from_records(read_records(args.records), price, args.steps_per_day)
+    print(report.to_markdown())
+    if args.html:
+        args.html.write_text(report.to_html())
+        print(f"HTML report written to {args.html}")
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="layerroute", description="LayerRoute command-line tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     steps.add_argument("--format", choices=FORMATS, default=None, help="force a log format (default: detect)")
     steps.add_argument("--on-bad-record", choices=("raise", "skip"), default="raise")
     steps.set_defaults(run=steps_command)
+    report = commands.add_parser("report", help="render the trace cost report of recorded ChatLayerRoute steps")
+    report.add_argument("records", type=Path, help="JSONL written by the LayerRoute cost callback")
+    report.add_argument("--html", type=Path, default=None, help="also write a self-contained HTML report")
+    report.add_argument("--json", type=Path, default=None, help="also write the aggregates as JSON")
+    report.add_argument("--steps-per-day", type=int, default=1_000_000, help="for the savings projection")
+    report.add_argument("--usd-per-gpu-hour", type=float, default=2.0)
+    report.add_argument("--achieved-tflops", type=float, default=100.0, help="achieved TFLOP/s of that GPU")
+    report.add_argument("--usd-per-tflop", type=float, default=None, help="price FLOPs directly instead")
+    report.set_defaults(run=report_command)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -29,20 +29,21 @@ class LayerRouteConfig:
         router_init_bias: initial bias of every router; positive starts with every block open
             (``sigmoid(bias)`` is the initial keep probability).
         router_threshold: a block runs when its keep probability is above this value.
-        regularizer_weight: weight of the gate regulariser in the training loss.
-        target_skip_rate: skip rate the regulariser aims for (fraction of blocks per step).
+        regularizer_weight: step size of the skip budget's Lagrange multiplier (how fast the price of compute rises
+            while the batch skips less than the target); see ``layerroute.training.SkipBudget``.
+        target_skip_rate: skip rate the regulariser aims for, as a budget over the whole batch (fraction of blocks).
     """
 
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    router_pooling: str = "mean"
+    router_pooling: str = "last"
     router_norm: str = "rms"
-    router_init_bias: float = 3.0
+    router_init_bias: float = 4.0
     router_threshold: float = 0.5
-    regularizer_weight: float = 1.0
-    target_skip_rate: float = 0.15
+    regularizer_weight: float = 2.0
+    target_skip_rate: float = 0.1
 
     def __post_init__(self) -> None:
         if self.lora_rank < 1:

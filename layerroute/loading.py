@@ -39,6 +39,11 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def default_adapter_dir() -> Path:
+    """Where the adapter trained for the embedded model ships (inside the installed package)."""
+    return Path(__file__).resolve().parent / "adapters" / "smollm2-135m-instruct"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LAYERROUTE_CACHE", Path.home() / ".cache" / "layerroute"))
 

@@ -79,17 +79,92 @@ def batches(num_examples: int, batch_size: int, seed: int, start_step: int = 0) 
         step += 1
 
 
-def gate_regularizer(keep_probs: torch.Tensor, keep: torch.Tensor, config: LayerRouteConfig) -> torch.Tensor:
-    """Budget regulariser: the batch's skip rate should meet ``config.target_skip_rate``.
+class SkipBudget:
+    """Gate regulariser as a compute budget: the batch should skip ``config.target_skip_rate`` of its block FLOPs.
 
-    The budget is shared by the whole batch (every step and block), not imposed on each step: the routers may spend
-    it where skipping costs the task loss least. Value: the squared gap between the batch's hard skip rate and the
-    target; gradient: through the keep probabilities (straight-through).
+    The budget is shared by the whole batch (every step and block), not imposed on each step, so the routers may
+    spend it where skipping costs the task loss least. Compute is priced in FLOPs: a row's blocks weigh as many
+    tokens as the row runs through them (context plus target), while the task loss counts the row's target tokens
+    only. Skipping a block for a step with a long context and a short answer therefore buys much compute for
+    little loss; the step's type is never consulted.
 
-    Args:
-        keep_probs: ``(batch, num_layers)`` keep probabilities.
-        keep: ``(batch, num_layers)`` hard decisions.
+    The penalty is ``multiplier * (target - skipped_share)``, with the skipped share taken from the hard gates and
+    differentiated through the keep probabilities (straight-through). The multiplier is a Lagrange multiplier: it
+    grows by ``config.regularizer_weight`` times the shortfall after every step and shrinks (down to 0) while the
+    batch skips more than the target, so it settles at whatever price of compute makes the target hold, whatever
+    the scale of the task loss.
     """
-    gates = keep.to(keep_probs.dtype) + keep_probs - keep_probs.detach()
-    skip_rate = 1.0 - gates.mean()
-    return config.regularizer_weight * (skip_rate - config.target_skip_rate) ** 2
+
+    def __init__(self, config: LayerRouteConfig, multiplier: float = 0.0) -> None:
+        self.target = config.target_skip_rate
+        self.step_size = config.regularizer_weight
+        self.multiplier = multiplier
+
+    @staticmethod
+    def skipped_share(keep_probs: torch.Tensor, keep: torch.Tensor, tokens: torch.Tensor | None = None):
+        """FLOP-weighted share of blocks skipped (straight-through: hard value, soft gradient).
+
+        Args: ``keep_probs`` and ``keep`` ``(batch, num_layers)``; ``tokens`` ``(batch,)`` tokens each row runs
+        (``None``: rows weigh the same).
+        """
+        gates = keep.to(keep_probs.dtype) + keep_probs - keep_probs.detach()
+        weights = torch.ones(gates.shape[0], device=gates.device) if tokens is None else tokens.to(gates)
+        return ((1.0 - gates) * weights[:, None]).sum() / (weights.sum() * gates.shape[1])
+
+    def penalty(self, keep_probs: torch.Tensor, keep: torch.Tensor, tokens: torch.Tensor | None = None):
+        return self.multiplier * (self.target - self.skipped_share(keep_probs, keep, tokens))
+
+    def update(self, skipped_share: float) -> None:
+        self.multiplier = max(0.0, self.multiplier + self.step_size * (self.target - skipped_share))
+
+    def state_dict(self) -> dict:
+        return {"multiplier": self.multiplier}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.multiplier = float(state["multiplier"])
+
+
+@torch.no_grad()
+def block_influence(model, examples: list[TokenizedStep], pad_token_id: int, batch_size: int = 4) -> torch.Tensor:
+    """How much each block changes the hidden states: mean over context tokens of ``1 - cos(h_in, h_out)``.
+
+    Returns a ``(num_layers,)`` tensor. Measured with every block running and LoRA as it is.
+    """
+    model.eval()
+    totals = torch.zeros(model.num_layers)
+    count = 0
+    captured: dict[int, torch.Tensor] = {}
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def hook(index):
+        def record(module, args, output):
+            hidden_in = args[0] if args else None
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            similarity = torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
+            mask = mask_holder["mask"].to(similarity.device)
+            captured[index] = ((1 - similarity) * mask).sum().cpu()
+        return record
+
+    handles = [block.block.register_forward_hook(hook(i)) for i, block in enumerate(model.blocks)]
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start : start + batch_size], pad_token_id)
+            mask_holder["mask"] = batch["context_mask"].float()
+            model(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), forced_skip=())
+            totals += torch.stack([captured[i] for i in range(model.num_layers)])
+            count += int(batch["context_mask"].sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return totals / max(count, 1)
+
+
+def init_router_biases(model, influence: torch.Tensor, low: float, high: float) -> None:
+    """Start each router's bias between ``low`` (least influential block: close to being skipped) and ``high``
+    (most influential: firmly kept), linearly in the block's influence rank, so the budget is first spent on the
+    blocks that matter least rather than on whichever flips first."""
+    ranks = torch.empty_like(influence)
+    ranks[influence.argsort()] = torch.arange(len(influence), dtype=influence.dtype)
+    with torch.no_grad():
+        for router, rank in zip(model.routers, ranks):
+            router.proj.bias.fill_(low + (high - low) * float(rank) / max(len(influence) - 1, 1))

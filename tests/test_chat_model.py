@@ -184,7 +184,8 @@ def test_stop_sequences_cut_the_answer(llm):
 def test_concurrent_invokes_each_carry_their_own_route(tiny_chat_dir):
     llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=6)
     runtime = llm._load()
-    for router in runtime.model.routers:  # make routing depend on the prompt
+    for router in runtime.model.routers:  # make routing depend on the whole prompt
+        router.pooling = "mean"
         torch.nn.init.normal_(router.proj.weight, std=200.0)
         torch.nn.init.zeros_(router.proj.bias)
     prompts = [f"{i} " + ["zebra", "42 + 17", "Bonjour", "<tool>", "SELECT *", "def f():", "!!!", "weather"][i] * 5 for i in range(8)]

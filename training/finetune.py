@@ -31,19 +31,27 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noqa: E402
 from layerroute.evaluation import routing_report, write_training_report  # noqa: E402
-from layerroute.traces import read_sources  # noqa: E402
-from layerroute.training import batches, build_examples, collate, gate_regularizer  # noqa: E402
+from layerroute.traces import BadRecordError, read_sources  # noqa: E402
+from layerroute.training import (  # noqa: E402
+    SkipBudget,
+    batches,
+    block_influence,
+    build_examples,
+    collate,
+    init_router_biases,
+)  # noqa: E402
 
 CORPUS = ROOT / "training" / "data" / "corpus"
 PRESETS = {
     # What runs in minutes on a 2-core CPU (the default).
-    "cpu": dict(model=None, steps=150, batch_size=4, lr=1e-3, router_lr=1e-2, max_length=768),
+    "cpu": dict(model=None, steps=100, batch_size=4, lr=1e-3, router_lr=1e-3, max_length=512),
     # The published setting, for a GPU.
-    "seed": dict(model="Qwen/Qwen2.5-0.5B-Instruct", steps=3000, batch_size=8, lr=2e-4, router_lr=1e-2,
+    "seed": dict(model="Qwen/Qwen2.5-0.5B-Instruct", steps=3000, batch_size=8, lr=2e-4, router_lr=1e-3,
                  max_length=1536),
 }
 RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing",
-                 "target_skip_rate", "regularizer_weight", "router_pooling", "router_init_bias")
+                 "target_skip_rate", "regularizer_weight", "router_pooling", "router_init_bias",
+                 "router_init_bias_min")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,11 +66,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=argparse.SUPPRESS, help="LoRA learning rate")
     parser.add_argument("--router-lr", type=float, default=argparse.SUPPRESS)
     parser.add_argument("--max-length", type=int, default=argparse.SUPPRESS, help="context token budget per step")
-    parser.add_argument("--max-target-length", type=int, default=192)
+    parser.add_argument("--max-target-length", type=int, default=160)
     parser.add_argument("--target-skip-rate", type=float, default=LayerRouteConfig.target_skip_rate)
     parser.add_argument("--regularizer-weight", type=float, default=LayerRouteConfig.regularizer_weight)
     parser.add_argument("--router-pooling", choices=("mean", "last"), default=LayerRouteConfig.router_pooling)
-    parser.add_argument("--router-init-bias", type=float, default=LayerRouteConfig.router_init_bias)
+    parser.add_argument("--router-init-bias", type=float, default=LayerRouteConfig.router_init_bias,
+                        help="initial router bias of the most influential block")
+    parser.add_argument("--router-init-bias-min", type=float, default=0.5,
+                        help="initial router bias of the least influential block (biases spread by block influence "
+                             "rank, measured on training steps before training); equal to --router-init-bias "
+                             "for a uniform start")
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "default")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output")
     parser.add_argument("--seed", type=int, default=0)
@@ -77,12 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, args) -> None:
+def save_checkpoint(directory: Path, model, optimizer, scheduler, budget, step: int, args) -> None:
     """Adapter + optimizer + scheduler + step, written to a staging directory and swapped in atomically."""
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "budget": budget.state_dict(), "step": step},
                staging / "training_state.pt")
     (staging / "run.json").write_text(json.dumps(run_identity(args), indent=2))
     old = directory.with_name(directory.name + ".old")
@@ -114,12 +128,15 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- data
     sources = args.data or [str(CORPUS / "train.jsonl.gz")]
     base, tokenizer = load_base_model(args.model)
-    read = read_sources(sources, on_bad_record=args.on_bad_record)
-    if read.skipped:
-        accelerator.print(f"skipped {len(read.skipped)} unreadable records: {read.skipped_summary()}")
-    if not read.traces:
-        raise SystemExit(f"no traces in {sources}")
-    train = build_examples(read.traces, tokenizer, args.max_length, args.max_target_length)
+    try:
+        read = read_sources(sources, on_bad_record=args.on_bad_record)
+        if read.skipped:
+            accelerator.print(f"skipped {len(read.skipped)} unreadable records: {read.skipped_summary()}")
+        if not read.traces:
+            raise SystemExit(f"finetune: error: no traces in {sources}")
+        train = build_examples(read.traces, tokenizer, args.max_length, args.max_target_length)
+    except (BadRecordError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"finetune: error: {error}") from None
     accelerator.print(f"training steps by type (reporting only): {train.counts()}; dropped: {dict(train.dropped)}")
 
     # ---------------------------------------------------------------- model and optimiser
@@ -129,6 +146,11 @@ def main(argv=None) -> int:
         config = LayerRouteConfig(target_skip_rate=args.target_skip_rate, regularizer_weight=args.regularizer_weight,
                                   router_pooling=args.router_pooling, router_init_bias=args.router_init_bias)
         model = LayerRouteModel.from_base(base, config, base_model_name_or_path=args.model)
+        if not args.no_routing and args.router_init_bias_min != args.router_init_bias:
+            probe = [train.examples[i] for i in next(batches(len(train.examples), 32, args.seed + 1))]
+            influence = block_influence(model, probe, tokenizer.pad_token_id)
+            init_router_biases(model, influence, args.router_init_bias_min, args.router_init_bias)
+            accelerator.print("block influence (1 - cos): " + " ".join(f"{v:.3f}" for v in influence.tolist()))
     config = model.config
     if args.no_routing:
         for router in model.routers:
@@ -141,11 +163,13 @@ def main(argv=None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
     )
+    budget = SkipBudget(config)
     start = 0
     if args.resume:
         state = torch.load(checkpoint / "training_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        budget.load_state_dict(state["budget"])
         start = state["step"]
         accelerator.print(f"resuming {output} at step {start}")
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -174,17 +198,22 @@ def main(argv=None) -> int:
         began = time.perf_counter()
         with accelerator.autocast():
             out = model(**batch, forced_skip=() if args.no_routing else None)
+            tokens = batch["attention_mask"].sum(dim=1)
             regularizer = torch.zeros((), device=out.loss.device) if args.no_routing else \
-                gate_regularizer(out.keep_probs, out.keep, config)
+                budget.penalty(out.keep_probs, out.keep, tokens)
             loss = out.loss + regularizer
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        skip_rate = 1.0 - out.keep.float().mean().item()
+        skip_rate = 1.0 - accelerator.gather(out.keep.float().mean().reshape(1)).mean().item()
+        flops_skip = accelerator.gather(budget.skipped_share(out.keep_probs, out.keep, tokens).detach().reshape(1))
+        if not args.no_routing:
+            budget.update(flops_skip.mean().item())
         record = {"step": step + 1, "loss": loss.item(), "lm_loss": out.loss.item(),
                   "regularizer": regularizer.item(), "skip_rate": skip_rate,
+                  "flops_skip_share": flops_skip.mean().item(), "multiplier": budget.multiplier,
                   "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - began}
         if accelerator.is_main_process:
             with metrics_path.open("a") as handle:
@@ -192,7 +221,7 @@ def main(argv=None) -> int:
         progress.set_postfix(loss=f"{record['lm_loss']:.3f}", skip=f"{skip_rate:.1%}")
         done = step + 1
         if accelerator.is_main_process and (done % args.checkpoint_every == 0 or done == args.steps or interrupted):
-            save_checkpoint(checkpoint, unwrapped, optimizer, scheduler, done, args)
+            save_checkpoint(checkpoint, unwrapped, optimizer, scheduler, budget, done, args)
         if interrupted:
             accelerator.print(f"\ninterrupted at step {done}; resume with: python training/finetune.py "
                               f"--output {output} --resume")

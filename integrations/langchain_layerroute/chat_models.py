@@ -8,7 +8,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,10 +31,10 @@ from pydantic import ConfigDict, Field, PrivateAttr
 from transformers import TextIteratorStreamer
 
 from layerroute import LayerRouteModel, load_base_model
+from layerroute.loading import default_adapter_dir
 from layerroute.steps import render_chat
 from layerroute.toolcalls import parse_tool_calls
 
-DEFAULT_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-instruct"
 TOOL_CHOICE_KEYWORDS = ("auto", "none", "any", "required")
 
 
@@ -122,8 +121,8 @@ class ChatLayerRoute(BaseChatModel):
                     base, tokenizer = load_base_model(self.model, device=self.device,
                                                       trust_remote_code=self.trust_remote_code)
                     adapter = self.adapter
-                    if adapter is None and self.model is None and DEFAULT_ADAPTER.is_dir():
-                        adapter = str(DEFAULT_ADAPTER)
+                    if adapter is None and self.model is None and default_adapter_dir().is_dir():
+                        adapter = str(default_adapter_dir())
                     if adapter and adapter != "none":
                         routed = LayerRouteModel.from_pretrained(adapter, base_model=base)
                     else:

@@ -1,0 +1,90 @@
+"""A multi-step LangChain agent on ChatLayerRoute, with real tools, and the trace's cost report.
+
+    python examples/agent.py
+    python examples/agent.py --question "What is the population density of Norway?" --html report.html
+
+The tools: a calculator (safe arithmetic) and a lookup in a small country table. The model is the embedded
+SmolLM2-135M-Instruct with the shipped LayerRoute adapter, so expect a 135M model's reasoning; what the example
+shows is the plumbing: every step's type, the blocks it skipped and what it cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import operator
+from pathlib import Path
+
+from langchain.agents import create_agent
+from langchain_core.tools import tool
+
+from langchain_layerroute import ChatLayerRoute, layerroute_cost_tracking
+
+COUNTRIES = {
+    "norway": {"capital": "Oslo", "population": 5_550_000, "area_km2": 385_207},
+    "france": {"capital": "Paris", "population": 68_400_000, "area_km2": 643_801},
+    "japan": {"capital": "Tokyo", "population": 124_500_000, "area_km2": 377_975},
+    "kenya": {"capital": "Nairobi", "population": 55_100_000, "area_km2": 580_367},
+}
+OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+             ast.Pow: operator.pow, ast.USub: operator.neg}
+
+
+def evaluate(node: ast.AST) -> float:
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in OPERATORS:
+        return OPERATORS[type(node.op)](evaluate(node.left), evaluate(node.right))
+    if isinstance(node, ast.UnaryOp) and type(node.op) in OPERATORS:
+        return OPERATORS[type(node.op)](evaluate(node.operand))
+    raise ValueError("only numbers and + - * / ** are allowed")
+
+
+@tool
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression such as '5550000 / 385207'."""
+    try:
+        return str(evaluate(ast.parse(expression, mode="eval").body))
+    except (SyntaxError, ValueError, ZeroDivisionError) as error:
+        return f"error: {error}"
+
+
+@tool
+def country_facts(country: str) -> str:
+    """Look up the capital, population and area (km2) of a country."""
+    facts = COUNTRIES.get(country.strip().lower())
+    return str(facts) if facts else f"unknown country {country!r}; known: {', '.join(COUNTRIES)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--question", default="What is the population density of Norway? Look up its facts first, "
+                                               "then use the calculator.")
+    parser.add_argument("--adapter", default=None, help="LayerRoute adapter (default: the shipped one)")
+    parser.add_argument("--costs", type=Path, default=Path("agent_costs.jsonl"))
+    parser.add_argument("--html", type=Path, default=None, help="also write the HTML cost report here")
+    args = parser.parse_args()
+
+    llm = ChatLayerRoute(adapter=args.adapter, max_tokens=96)
+    agent = create_agent(llm, tools=[calculator, country_facts],
+                         system_prompt="You are a helpful agent. Use the tools, then answer briefly.")
+    args.costs.unlink(missing_ok=True)
+    with layerroute_cost_tracking(args.costs) as costs:
+        result = agent.invoke({"messages": [("user", args.question)]}, {"recursion_limit": 12})
+    for message in result["messages"]:
+        route = message.response_metadata.get("layerroute") if hasattr(message, "response_metadata") else None
+        summary = f"  [{route['step_type']}: skipped {len(route['skipped_layers'])}/{route['num_layers']} blocks, " \
+                  f"{route['flops_skipped_frac']:.1%} of FLOPs]" if route else ""
+        calls = getattr(message, "tool_calls", None)
+        print(f"{message.type:>6}: {message.content or calls}{summary}")
+    report = costs.report()
+    print()
+    print(report.to_markdown())
+    if args.html:
+        args.html.write_text(report.to_html())
+        print(f"HTML report: {args.html}")
+    print(f"step records: {args.costs} (render again with: layerroute report {args.costs} --html report.html)")
+
+
+if __name__ == "__main__":
+    main()
