@@ -42,7 +42,7 @@ class LayerRouteConfig:
     router_norm: str = "rms"
     router_init_bias: float = 4.0
     router_threshold: float = 0.5
-    regularizer_weight: float = 2.0
+    regularizer_weight: float = 1.0
     target_skip_rate: float = 0.1
 
     def __post_init__(self) -> None:

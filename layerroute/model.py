@@ -145,8 +145,9 @@ class LayerRouteModel(nn.Module):
         return self.base_model.get_input_embeddings().weight.device
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's weights: every router and LoRA parameter, by name."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        """The adapter's weights: every router and LoRA parameter, by name (frozen ones included, e.g. the routers
+        of a LoRA-only baseline)."""
+        return {name: p.detach() for name, p in self.named_parameters() if "lora_" in name or ".router." in name}
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -447,6 +448,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; an adapter is meant to be shared
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -89,10 +89,11 @@ class SkipBudget:
     little loss; the step's type is never consulted.
 
     The penalty is ``multiplier * (target - skipped_share)``, with the skipped share taken from the hard gates and
-    differentiated through the keep probabilities (straight-through). The multiplier is a Lagrange multiplier: it
-    grows by ``config.regularizer_weight`` times the shortfall after every step and shrinks (down to 0) while the
-    batch skips more than the target, so it settles at whatever price of compute makes the target hold, whatever
-    the scale of the task loss.
+    differentiated through the keep probabilities (straight-through). The multiplier is the Lagrange multiplier of
+    the equality constraint ``skipped_share == target``: it moves by ``config.regularizer_weight`` times the gap
+    after every step, rising while the batch skips too little and falling (below zero, which rewards keeping
+    blocks) while it skips too much, so it settles at whatever price of compute holds the budget, whatever the
+    scale of the task loss, and damps overshoot in both directions.
     """
 
     def __init__(self, config: LayerRouteConfig, multiplier: float = 0.0) -> None:
@@ -115,7 +116,7 @@ class SkipBudget:
         return self.multiplier * (self.target - self.skipped_share(keep_probs, keep, tokens))
 
     def update(self, skipped_share: float) -> None:
-        self.multiplier = max(0.0, self.multiplier + self.step_size * (self.target - skipped_share))
+        self.multiplier += self.step_size * (self.target - skipped_share)
 
     def state_dict(self) -> dict:
         return {"multiplier": self.multiplier}

@@ -64,3 +64,13 @@ def test_adapter_from_another_config_is_refused(tmp_path):
     (tmp_path / "layerroute_config.json").write_text(json.dumps(config))
     with pytest.raises(Exception, match="size mismatch|do not fit"):
         LayerRouteModel.from_pretrained(tmp_path, base_model=tiny_qwen2())
+
+
+def test_frozen_routers_are_saved_too(tmp_path):
+    """A LoRA-only baseline freezes its routers; its adapter must still load."""
+    model = LayerRouteModel.from_base(tiny_qwen2())
+    for router in model.routers:
+        router.requires_grad_(False)
+    model.save_pretrained(tmp_path)
+    loaded = LayerRouteModel.from_pretrained(tmp_path, base_model=tiny_qwen2())
+    assert set(loaded.trainable_state_dict()) == set(model.trainable_state_dict())

@@ -159,3 +159,10 @@ def test_embedded_corpus_has_enough_real_steps_of_both_types():
     assert len(planning_with_tools) >= 1500  # tools sit in planning contexts too
     splits = {p.name.split(".")[0]: {t.id for t in read_traces(p).traces} for p in corpus.glob("*.jsonl.gz")}
     assert not (splits["train"] & splits["test"]) and not (splits["train"] & splits["validation"])
+
+
+def test_public_dataset_name_without_a_hub_fails_clearly():
+    from layerroute.traces import read_sources
+
+    with pytest.raises(OSError, match="could not load dataset 'glaiveai/glaive-function-calling-v2'.*offline"):
+        read_sources(["glaiveai/glaive-function-calling-v2"])

@@ -44,9 +44,9 @@ from layerroute.training import (  # noqa: E402
 CORPUS = ROOT / "training" / "data" / "corpus"
 PRESETS = {
     # What runs in minutes on a 2-core CPU (the default).
-    "cpu": dict(model=None, steps=100, batch_size=4, lr=1e-3, router_lr=1e-3, max_length=512),
+    "cpu": dict(model=None, steps=100, batch_size=4, lr=1e-3, router_lr=5e-4, max_length=512),
     # The published setting, for a GPU.
-    "seed": dict(model="Qwen/Qwen2.5-0.5B-Instruct", steps=3000, batch_size=8, lr=2e-4, router_lr=1e-3,
+    "seed": dict(model="Qwen/Qwen2.5-0.5B-Instruct", steps=3000, batch_size=8, lr=2e-4, router_lr=5e-4,
                  max_length=1536),
 }
 RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing",
@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-routing", action="store_true", help="LoRA-only baseline with the same budget")
     parser.add_argument("--checkpoint-every", type=int, default=25)
-    parser.add_argument("--report-steps", type=int, default=200, help="held-out steps in the final routing report")
+    parser.add_argument("--report-steps", type=int, default=120, help="held-out steps in the final routing report")
     parser.add_argument("--on-bad-record", choices=("raise", "skip"), default="raise")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
