@@ -53,3 +53,17 @@ def smollm2():
     from layerroute import load_base_model
 
     return load_base_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, smollm2):
+    """A 3-block random Llama with SmolLM2's real tokenizer and chat template, saved as a local model directory."""
+    _, tokenizer = smollm2
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    directory = tmp_path_factory.mktemp("tiny-chat")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

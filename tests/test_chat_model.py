@@ -1,4 +1,4 @@
-"""ChatLayerRoute on a tiny random Llama (tokenizer and chat template from the embedded SmolLM2): metadata,
+"""ChatLayerRoute on a tiny random Llama (tokenizer and chat template from the embedded SmolLM2; see conftest): metadata,
 streaming, tool-call parsing, tool_choice, concurrency and cost tracking."""
 
 from __future__ import annotations
@@ -9,12 +9,10 @@ import threading
 
 import pytest
 import torch
-from conftest import tiny_llama  # noqa: F401  (keeps the import style of the other tests)
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import tool
 from langchain_tests.unit_tests import ChatModelUnitTests
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from langchain_layerroute import ChatLayerRoute, LayerRouteCostCallback, layerroute_cost_tracking
 from langchain_layerroute.chat_models import _normalize_tool_choice
@@ -23,20 +21,6 @@ from layerroute.toolcalls import parse_tool_calls
 
 METADATA_KEYS = {"step_type", "skipped_layers", "num_layers", "layers_skipped_frac", "flops_total",
                  "flops_skipped", "flops_skipped_frac", "latency_s"}
-
-
-@pytest.fixture(scope="session")
-def tiny_chat_dir(tmp_path_factory, smollm2):
-    """A 2-block random Llama with SmolLM2's real tokenizer and chat template, saved as a local model directory."""
-    _, tokenizer = smollm2
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    directory = tmp_path_factory.mktemp("tiny-chat")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +73,7 @@ def test_invoke_carries_route_metadata_and_integer_usage(llm):
     assert message.response_metadata["model_name"] == llm.model
     route = message.response_metadata["layerroute"]
     assert set(route) == METADATA_KEYS
-    assert route["num_layers"] == 2 and route["flops_total"] > 0 and route["latency_s"] > 0
+    assert route["num_layers"] == 3 and route["flops_total"] > 0 and route["latency_s"] > 0
     assert route["step_type"] in ("tool_call", "planning")
     usage = message.usage_metadata
     assert all(isinstance(usage[k], int) for k in ("input_tokens", "output_tokens", "total_tokens"))

@@ -15,7 +15,6 @@ import pytest
 import torch
 from conftest import tiny_qwen2
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from layerroute import LayerRouteConfig, LayerRouteModel
 from layerroute.steps import TokenizedStep
@@ -24,19 +23,6 @@ from layerroute.training import SkipBudget, batches, collate
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 DATA = [str(FIXTURES / name) for name in ("openai.jsonl", "glaive.jsonl", "gsm8k.jsonl", "hermes.json")]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2):
-    _, tokenizer = smollm2
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    directory = tmp_path_factory.mktemp("tiny-train")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 def examples(seed: int = 0, count: int = 8) -> list[TokenizedStep]:
@@ -128,8 +114,8 @@ def common_args(model_dir: str, output: Path, steps: int) -> list[str]:
             "--report-steps", "4"]
 
 
-def test_finetune_writes_adapter_metrics_and_report(tiny_model_dir, tmp_path):
-    result = run_finetune(common_args(tiny_model_dir, tmp_path / "run", 3))
+def test_finetune_writes_adapter_metrics_and_report(tiny_chat_dir, tmp_path):
+    result = run_finetune(common_args(tiny_chat_dir, tmp_path / "run", 3))
     assert result.returncode == 0, result.stderr[-2000:]
     produced = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"adapter_model.safetensors", "layerroute_config.json", "metrics.jsonl", "report.json", "report.md",
@@ -138,18 +124,18 @@ def test_finetune_writes_adapter_metrics_and_report(tiny_model_dir, tmp_path):
     assert [m["step"] for m in metrics] == [1, 2, 3]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert set(report["held_out"]["by_step_type"]) == {"tool_call", "planning"}
-    again = run_finetune(common_args(tiny_model_dir, tmp_path / "run", 3))
+    again = run_finetune(common_args(tiny_chat_dir, tmp_path / "run", 3))
     assert again.returncode != 0 and "already holds a run" in again.stderr
 
 
-def test_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
-    straight = run_finetune(common_args(tiny_model_dir, tmp_path / "straight", 6))
+def test_interrupted_run_resumes_to_the_same_adapter(tiny_chat_dir, tmp_path):
+    straight = run_finetune(common_args(tiny_chat_dir, tmp_path / "straight", 6))
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     interrupted_dir = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, str(ROOT / "training" / "finetune.py"),
-                                *common_args(tiny_model_dir, interrupted_dir, 6)], env=env,
+                                *common_args(tiny_chat_dir, interrupted_dir, 6)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (interrupted_dir / "checkpoint").exists() and time.time() < deadline:
@@ -162,9 +148,9 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
     assert "--resume" in stderr or "--resume" in _
     assert (interrupted_dir / "checkpoint" / "training_state.pt").exists()
 
-    changed = run_finetune([*common_args(tiny_model_dir, interrupted_dir, 6), "--resume", "--lr", "0.5"])
+    changed = run_finetune([*common_args(tiny_chat_dir, interrupted_dir, 6), "--resume", "--lr", "0.5"])
     assert changed.returncode != 0 and "holds a different run" in changed.stderr
-    resumed = run_finetune([*common_args(tiny_model_dir, interrupted_dir, 6), "--resume"])
+    resumed = run_finetune([*common_args(tiny_chat_dir, interrupted_dir, 6), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     actual = load_file(interrupted_dir / "adapter_model.safetensors")
@@ -173,25 +159,25 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
-def test_bad_data_is_reported(tiny_model_dir, tmp_path):
+def test_bad_data_is_reported(tiny_chat_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    result = run_finetune(["--model", tiny_model_dir, "--data", str(empty), "--steps", "1",
+    result = run_finetune(["--model", tiny_chat_dir, "--data", str(empty), "--steps", "1",
                            "--output", str(tmp_path / "o")])
     assert result.returncode != 0 and "no traces" in result.stderr
     no_steps = tmp_path / "no_steps.jsonl"
     no_steps.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    result = run_finetune(["--model", tiny_model_dir, "--data", str(no_steps), "--steps", "1",
+    result = run_finetune(["--model", tiny_chat_dir, "--data", str(no_steps), "--steps", "1",
                            "--output", str(tmp_path / "o2")])
     assert result.returncode != 0 and "no_steps.jsonl:1" in result.stderr and "no assistant message" in result.stderr
 
 
-def test_two_cpu_processes_under_accelerate_launch(tiny_model_dir, tmp_path):
+def test_two_cpu_processes_under_accelerate_launch(tiny_chat_dir, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-         str(ROOT / "training" / "finetune.py"), *common_args(tiny_model_dir, tmp_path / "ddp", 2)],
+         str(ROOT / "training" / "finetune.py"), *common_args(tiny_chat_dir, tmp_path / "ddp", 2)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
