@@ -10,6 +10,7 @@ import math
 import statistics
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -72,11 +73,8 @@ def perplexity_by_type(model: LayerRouteModel, examples: list[TokenizedStep], fo
         context_mask[:, : len(example.context_ids)] = True
         labels = torch.full_like(ids, -100)
         labels[:, len(example.context_ids):] = ids[:, len(example.context_ids):]
-        if lora:
+        with nullcontext() if lora else model.lora_disabled():
             out = model(ids, context_mask=context_mask, labels=labels, forced_skip=forced_skip)
-        else:
-            with model.lora_disabled():
-                out = model(ids, context_mask=context_mask, labels=labels, forced_skip=forced_skip)
         totals[example.step_type][0] += float(out.token_nll.sum())
         totals[example.step_type][1] += int((labels[:, 1:] != -100).sum())
     return {kind: math.exp(nll / count) for kind, (nll, count) in totals.items() if count}
@@ -91,13 +89,9 @@ def tool_call_exact_match(model: LayerRouteModel, tokenizer, examples: list[Toke
     for example, reference in zip(examples, references):
         ids = torch.tensor([example.context_ids], device=model.device)
         began = time.perf_counter()
-        if lora:
+        with nullcontext() if lora else model.lora_disabled():
             out = model.generate(ids, forced_skip=forced_skip, do_sample=False,
                                  max_new_tokens=len(example.target_ids) + 16, pad_token_id=tokenizer.pad_token_id)
-        else:
-            with model.lora_disabled():
-                out = model.generate(ids, forced_skip=forced_skip, do_sample=False,
-                                     max_new_tokens=len(example.target_ids) + 16, pad_token_id=tokenizer.pad_token_id)
         seconds.append(time.perf_counter() - began)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         hits += calls_match(parse_tool_calls(text).tool_calls, reference)

@@ -12,9 +12,9 @@ model (same adapter, every block running).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteModel, load_base_model  # noqa: E402
 from layerroute.evaluation import perplexity_by_type, routing_report, tool_call_exact_match  # noqa: E402
+from layerroute.model import ADAPTER_CONFIG  # noqa: E402
 from layerroute.steps import tokenize_step, trace_steps  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
 
@@ -41,8 +42,10 @@ def main(argv=None) -> int:
     parser.add_argument("--on-bad-record", choices=("raise", "skip"), default="raise")
     args = parser.parse_args(argv)
 
-    model = LayerRouteModel.from_pretrained(args.adapter, base_model=args.model).eval()
-    _, tokenizer = load_base_model(args.model or model.base_model_name_or_path)
+    recorded = json.loads((args.adapter / ADAPTER_CONFIG).read_text())["base_model"]["name_or_path"]
+    base, tokenizer = load_base_model(args.model or recorded)
+    lora_only_base = copy.deepcopy(base) if args.lora_only else None  # wrapping modifies a base in place
+    model = LayerRouteModel.from_pretrained(args.adapter, base_model=base).eval()
     steps = [s for t in read_sources(args.data, on_bad_record=args.on_bad_record).traces for s in trace_steps(t)]
     if not steps:
         raise SystemExit(f"no assistant steps in {args.data}")
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
         "layerroute_full_depth": tool_call_exact_match(model, tokenizer, generation, generation_refs, forced_skip=()),
     }
     if args.lora_only:
-        lora_only = LayerRouteModel.from_pretrained(args.lora_only, base_model=args.model).eval()
+        lora_only = LayerRouteModel.from_pretrained(args.lora_only, base_model=lora_only_base).eval()
         perplexities["lora_only"] = perplexity_by_type(lora_only, every, forced_skip=())
         matches["lora_only"] = tool_call_exact_match(lora_only, tokenizer, generation, generation_refs, forced_skip=())
     for kind in by_type:
