@@ -65,6 +65,10 @@ class LayerRouteOutput:
             ``labels``; when ``labels`` were given.
         keep_probs: ``(batch, num_layers)`` keep probability of every block (differentiable in training).
         keep: ``(batch, num_layers)`` bool, which blocks ran for each row.
+        block_inputs: the input hidden states ``(batch, seq_len, hidden)`` of every block, detached, when the forward
+            was asked to record probes (:meth:`LayerRouteModel.skip_costs` resumes from them).
+        router_features: ``(batch, num_layers, hidden)``, what every router read, detached, when the forward was asked
+            to record probes and the routers decided (not with ``forced_skip``).
     """
 
     logits: torch.Tensor | None
@@ -72,6 +76,8 @@ class LayerRouteOutput:
     token_nll: torch.Tensor | None
     keep_probs: torch.Tensor
     keep: torch.Tensor
+    block_inputs: list[torch.Tensor] | None = None
+    router_features: torch.Tensor | None = None
 
 
 class LayerRouteModel(nn.Module):
@@ -112,6 +118,7 @@ class LayerRouteModel(nn.Module):
         self.base_model = base_model
         self.base_model.get_output_embeddings().register_forward_hook(_count_lm_head_positions)
         self._local = threading.local()
+        self._merged_lora: list[tuple[nn.Module, str, nn.Module]] = []
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -155,25 +162,35 @@ class LayerRouteModel(nn.Module):
     def merge_lora(self) -> None:
         """Fold LoRA into the base weights for serving: same outputs, no LoRA matmuls per token.
 
-        The merged model cannot be trained or saved until :meth:`unmerge_lora`.
+        Each LoRA-wrapped linear layer is swapped for its plain base layer holding the merged weights, so a served
+        token pays no adapter dispatch either. The merged model cannot be trained or saved until
+        :meth:`unmerge_lora`.
         """
-        for module in self._lora_layers():
+        if self._merged_lora:
+            return
+        for parent, name, module in self._lora_slots():
             module.merge()
+            setattr(parent, name, module.base_layer)
+            self._merged_lora.append((parent, name, module))
         self.lora_flops_per_token = 0
 
     def unmerge_lora(self) -> None:
-        """Undo :meth:`merge_lora`."""
-        for module in self._lora_layers():
+        """Undo :meth:`merge_lora`: the LoRA layers come back and the base weights are restored."""
+        for parent, name, module in self._merged_lora:
+            setattr(parent, name, module)
             module.unmerge()
+        self._merged_lora.clear()
         self.lora_flops_per_token = _lora_flops_per_token(self.blocks[0], self.config.lora_rank)
 
     @property
     def lora_merged(self) -> bool:
-        return any(module.merged for module in self._lora_layers())
+        return bool(self._merged_lora)
 
     @contextmanager
     def lora_disabled(self):
         """Run the frozen base model's weights (LoRA off) inside the block, e.g. to measure the base."""
+        if self.lora_merged:
+            raise RuntimeError("LoRA is merged into the base weights; call unmerge_lora() before disabling it")
         layers = self._lora_layers()
         for module in layers:
             module.enable_adapters(False)
@@ -182,6 +199,15 @@ class LayerRouteModel(nn.Module):
         finally:
             for module in layers:
                 module.enable_adapters(True)
+
+    def _lora_slots(self) -> list[tuple[nn.Module, str, nn.Module]]:
+        """``(parent, attribute name, LoRA layer)`` for every LoRA layer of the model."""
+        return [
+            (parent, name, child)
+            for parent in self.base_model.modules()
+            for name, child in parent.named_children()
+            if isinstance(child, LoraLayer)
+        ]
 
     def _lora_layers(self) -> list[nn.Module]:
         return [module for module in self.base_model.modules() if isinstance(module, LoraLayer)]
@@ -194,6 +220,7 @@ class LayerRouteModel(nn.Module):
         context_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         forced_skip: Iterable[int] | None = None,
+        record_probes: bool = False,
     ) -> LayerRouteOutput:
         """Run the routed model on full sequences.
 
@@ -206,6 +233,8 @@ class LayerRouteModel(nn.Module):
                 token at ``t``; ``-100`` is not supervised). When given, the LM head runs only on the positions that
                 predict a supervised token.
             forced_skip: bypass the routers: every block runs except these.
+            record_probes: keep every block's input and every router's features in the output, for
+                :meth:`skip_costs` and router training.
 
         In training mode every block runs and gates are straight-through; in eval mode skipped blocks do not run.
         """
@@ -215,6 +244,7 @@ class LayerRouteModel(nn.Module):
             context_mask=(attention_mask if context_mask is None else context_mask).bool(),
             straight_through=self.training,
             forced_skip=None if forced_skip is None else frozenset(forced_skip),
+            probes={} if record_probes else None,
         )
         token = ROUTING_STATE.set(state)
         try:
@@ -231,7 +261,55 @@ class LayerRouteModel(nn.Module):
             ROUTING_STATE.reset(token)
         keep_probs = torch.stack([state.keep_probs[i] for i in range(self.num_layers)], dim=1)
         keep = torch.stack([state.keep[i] for i in range(self.num_layers)], dim=1)
-        return LayerRouteOutput(logits=logits, loss=loss, token_nll=token_nll, keep_probs=keep_probs, keep=keep)
+        block_inputs = router_features = None
+        if state.probes is not None:
+            block_inputs = [state.probes["input", i] for i in range(self.num_layers)]
+            if ("features", 0) in state.probes:
+                router_features = torch.stack([state.probes["features", i] for i in range(self.num_layers)], dim=1)
+        return LayerRouteOutput(logits=logits, loss=loss, token_nll=token_nll, keep_probs=keep_probs, keep=keep,
+                                block_inputs=block_inputs, router_features=router_features)
+
+    @torch.no_grad()
+    def skip_costs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        output: LayerRouteOutput,
+        blocks: Iterable[int],
+    ) -> torch.Tensor:
+        """What skipping each of ``blocks`` costs each row, measured rather than estimated from a gradient.
+
+        For every listed block, the rows are run again with that block's decision flipped and every other block as
+        ``output`` decided, resuming at the block from its recorded input (the blocks before it are not rerun).
+
+        Args:
+            input_ids, attention_mask, labels: the batch ``output`` came from (``(batch, seq_len)`` each).
+            output: a forward of this batch with ``labels`` and ``record_probes=True``.
+            blocks: block indices.
+
+        Returns:
+            ``(batch, len(blocks))``: each row's summed target-token loss with the block skipped minus with it run.
+        """
+        if output.block_inputs is None or output.token_nll is None:
+            raise ValueError("skip_costs needs a forward with labels and record_probes=True")
+        current = output.token_nll.detach().sum(dim=1)
+        costs = []
+        for block in blocks:
+            flipped_keep = output.keep.clone()
+            flipped_keep[:, block] = ~flipped_keep[:, block]
+            state = RoutingState(start_block=block, start_hidden=output.block_inputs[block])
+            state.hold(flipped_keep)
+            token = ROUTING_STATE.set(state)
+            try:
+                hidden = self.base_model.model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                ).last_hidden_state
+            finally:
+                ROUTING_STATE.reset(token)
+            flipped = self._supervised_loss(hidden, labels)[1].sum(dim=1)
+            costs.append(torch.where(output.keep[:, block], flipped - current, current - flipped))
+        return torch.stack(costs, dim=1)
 
     def _supervised_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         targets = labels[:, 1:]
@@ -421,7 +499,8 @@ def _check_lora_targets(block: nn.Module, targets: list[str]) -> None:
     missing = [t for t in targets if t not in linear_names]
     if missing:
         raise ValueError(
-            f"LoRA target modules {missing} do not exist in {type(block).__name__}; its linear layers are {linear_names}"
+            f"LoRA target modules {missing} do not exist in {type(block).__name__}; "
+            f"its linear layers are {linear_names}"
         )
 
 

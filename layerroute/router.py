@@ -27,6 +27,11 @@ class RoutingState:
             need no device sync to know whether the block runs.
         keep_probs: block index -> ``(batch,)`` keep probabilities (differentiable during training).
         lm_head_positions: positions whose logits each forward of the state computed.
+        start_block: blocks before this one are not run (their input passes through unchanged) and this block starts
+            from ``start_hidden``: a forward resumed midway, from hidden states an earlier forward recorded.
+        start_hidden: ``(batch, seq_len, hidden)`` input of ``start_block``; ``None`` starts from the embeddings.
+        probes: when not ``None``, every block records here, detached and by block index, what measuring its skip
+            cost later needs: ``("input", i)`` its input hidden states, ``("features", i)`` its router's features.
     """
 
     context_mask: torch.Tensor | None = None
@@ -36,6 +41,19 @@ class RoutingState:
     rows_keeping: dict[int, str] = field(default_factory=dict)
     keep_probs: dict[int, torch.Tensor] = field(default_factory=dict)
     lm_head_positions: list[int] = field(default_factory=list)
+    start_block: int = 0
+    start_hidden: torch.Tensor | None = None
+    probes: dict[tuple[str, int], torch.Tensor] | None = None
+
+    def hold(self, keep: torch.Tensor) -> None:
+        """Take ``keep`` ``(batch, num_layers)`` as the decisions instead of asking the routers."""
+        for index in range(keep.shape[1]):
+            self.keep[index] = keep[:, index]
+            self.rows_keeping[index] = _rows_keeping(keep[:, index])
+
+
+def _rows_keeping(keep: torch.Tensor) -> str:
+    return "all" if bool(keep.all()) else "some" if bool(keep.any()) else "none"
 
 
 ROUTING_STATE: ContextVar[RoutingState | None] = ContextVar("layerroute_routing_state", default=None)
@@ -55,6 +73,10 @@ class Router(nn.Module):
     def forward(self, hidden_states: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
         """Keep logits of shape ``(batch,)`` from ``hidden_states`` ``(batch, seq_len, hidden)`` pooled over the
         positions where ``context_mask`` ``(batch, seq_len)`` is true."""
+        return self.proj(self.features(hidden_states, context_mask)).squeeze(-1)
+
+    def features(self, hidden_states: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        """What the router reads: ``(batch, hidden)``, the (normalised) hidden states pooled over the context."""
         hidden = hidden_states.float()
         if self.normalize:
             hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -68,7 +90,7 @@ class Router(nn.Module):
         else:
             weights = mask.to(hidden.dtype).unsqueeze(-1)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return self.proj(pooled.to(self.proj.weight.dtype)).squeeze(-1)
+        return pooled.to(self.proj.weight.dtype)
 
 
 class RoutedBlock(nn.Module):
@@ -91,13 +113,19 @@ class RoutedBlock(nn.Module):
         state = ROUTING_STATE.get()
         if state is None:
             return self.block(hidden_states, *args, **kwargs)
+        if self.layer_idx < state.start_block:
+            return hidden_states
+        if self.layer_idx == state.start_block and state.start_hidden is not None:
+            hidden_states = state.start_hidden
+        if state.probes is not None:
+            state.probes["input", self.layer_idx] = hidden_states.detach()
         keep = state.keep.get(self.layer_idx)
         gate = None
         if keep is None:
             keep_prob = self._keep_probability(hidden_states, state)
             keep = keep_prob > self.threshold
             state.keep[self.layer_idx] = keep
-            state.rows_keeping[self.layer_idx] = "all" if bool(keep.all()) else "some" if bool(keep.any()) else "none"
+            state.rows_keeping[self.layer_idx] = _rows_keeping(keep)
             state.keep_probs[self.layer_idx] = keep_prob
             if state.straight_through:
                 gate = keep.to(keep_prob.dtype) + keep_prob - keep_prob.detach()
@@ -119,4 +147,7 @@ class RoutedBlock(nn.Module):
         if state.forced_skip is not None:
             keep = 0.0 if self.layer_idx in state.forced_skip else 1.0
             return torch.full((batch,), keep, device=hidden_states.device)
-        return torch.sigmoid(self.router(hidden_states, state.context_mask))
+        features = self.router.features(hidden_states, state.context_mask)
+        if state.probes is not None:
+            state.probes["features", self.layer_idx] = features.detach()
+        return torch.sigmoid(self.router.proj(features).squeeze(-1))

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 from conftest import tiny_llama, tiny_qwen2
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
@@ -271,7 +272,14 @@ def test_merged_lora_gives_the_same_outputs_and_no_lora_flops():
         merged = model(input_ids)
     torch.testing.assert_close(merged.logits, unmerged.logits, atol=1e-5, rtol=1e-5)
     assert model.lora_flops_per_token == 0
+    assert not any(isinstance(module, LoraLayer) for module in model.modules())  # served as plain Linear layers
     with pytest.raises(RuntimeError, match="unmerge_lora"):
         model.save_pretrained("unused")
+    with pytest.raises(RuntimeError, match="unmerge_lora"), model.lora_disabled():
+        pass
     model.unmerge_lora()
     assert model.lora_flops_per_token > 0 and not model.lora_merged
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, unmerged.logits, atol=1e-5, rtol=1e-5)
+        with model.lora_disabled():
+            assert not torch.allclose(model(input_ids).logits, unmerged.logits, atol=1e-3)
