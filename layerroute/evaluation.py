@@ -85,18 +85,52 @@ def tool_call_exact_match(model: LayerRouteModel, tokenizer, examples: list[Toke
                           forced_skip=None, lora: bool = True) -> dict:
     """Greedy-generate each tool-call step; a match is the same function names and arguments as the reference."""
     model.eval()
-    hits, seconds = 0, []
+    hits = 0
     for example, reference in zip(examples, references):
         ids = torch.tensor([example.context_ids], device=model.device)
-        began = time.perf_counter()
         with nullcontext() if lora else model.lora_disabled():
             out = model.generate(ids, forced_skip=forced_skip, do_sample=False,
                                  max_new_tokens=len(example.target_ids) + 16, pad_token_id=tokenizer.pad_token_id)
-        seconds.append(time.perf_counter() - began)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         hits += calls_match(parse_tool_calls(text).tool_calls, reference)
-    return {"steps": len(examples), "exact_match": hits / max(len(examples), 1),
-            "median_seconds_per_step": statistics.median(seconds) if seconds else None}
+    return {"steps": len(examples), "exact_match": hits / max(len(examples), 1)}
+
+
+@torch.no_grad()
+def wall_clock_by_type(model: LayerRouteModel, examples: list[TokenizedStep], repeats: int = 3) -> dict:
+    """Measured time per step, routed against full depth (same adapter, every block running), per step type.
+
+    Each step generates exactly as many tokens as its reference target (greedy), so both runs do the same work but
+    for the skipped blocks. Runs alternate and each step is timed ``repeats`` times; a step's time is its median,
+    and a type's ratio is the sum of its steps' routed medians over the sum of their full-depth medians, next to the
+    FLOP ratio of the same steps.
+    """
+    model.eval()
+    per_type = defaultdict(lambda: {"routed_s": 0.0, "full_s": 0.0, "flops_routed": 0, "flops_full": 0, "steps": 0})
+    for example in examples:
+        ids = torch.tensor([example.context_ids], device=model.device)
+        length = len(example.target_ids)
+        kwargs = dict(do_sample=False, max_new_tokens=length, min_new_tokens=length)
+        times = {"routed": [], "full": []}
+        for _ in range(repeats):
+            for name, forced_skip in (("routed", None), ("full", ())):
+                began = time.perf_counter()
+                model.generate(ids, forced_skip=forced_skip, **kwargs)
+                times[name].append(time.perf_counter() - began)
+                if name == "routed":
+                    route = model.last_route
+        entry = per_type[example.step_type]
+        entry["routed_s"] += statistics.median(times["routed"])
+        entry["full_s"] += statistics.median(times["full"])
+        entry["flops_routed"] += route.flops_total - route.flops_skipped
+        entry["flops_full"] += route.flops_total
+        entry["steps"] += 1
+    return {
+        kind: {"steps": v["steps"], "routed_s": v["routed_s"], "full_depth_s": v["full_s"],
+               "time_saved_frac": 1 - v["routed_s"] / v["full_s"],
+               "flops_saved_frac": 1 - v["flops_routed"] / v["flops_full"]}
+        for kind, v in per_type.items()
+    }
 
 
 def write_training_report(output: Path, report: dict, metrics_path: Path, run: dict) -> None:
@@ -119,6 +153,10 @@ def write_training_report(output: Path, report: dict, metrics_path: Path, run: d
     plot(output / "report.png", report, metrics)
 
 
+def _moving_average(values: list[float], window: int = 10) -> list[float]:
+    return [statistics.fmean(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
+
+
 def plot(path: Path, report: dict, metrics: list[dict]) -> None:
     import matplotlib
 
@@ -134,11 +172,18 @@ def plot(path: Path, report: dict, metrics: list[dict]) -> None:
     blocks.legend()
     if metrics:
         steps = [m["step"] for m in metrics]
-        curves.plot(steps, [m["lm_loss"] for m in metrics], label="LM loss", alpha=0.7)
+        curves.plot(steps, _moving_average([m["lm_loss"] for m in metrics]), color="tab:gray", label="LM loss")
+        curves.set(title="training (moving average over 10 steps)", xlabel="step", ylabel="LM loss")
         twin = curves.twinx()
-        twin.plot(steps, [m["skip_rate"] for m in metrics], color="tab:red", label="skip rate", alpha=0.7)
-        twin.set_ylabel("batch skip rate")
-        curves.set(title="training", xlabel="step", ylabel="LM loss")
+        for kind, color in zip(STEP_TYPES, ("tab:blue", "tab:orange")):
+            # per-type rates are logged for the report only; steps without that type carry the last value over
+            rates, last = [], 0.0
+            for m in metrics:
+                last = m.get("skip_rate_by_type", {}).get(kind, last)
+                rates.append(last)
+            twin.plot(steps, _moving_average(rates), color=color, label=f"{kind} blocks skipped")
+        twin.set_ylabel("fraction of blocks skipped")
+        twin.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from .config import LayerRouteConfig
 from .steps import TokenizedStep, tokenize_step, trace_steps
@@ -67,62 +68,138 @@ def collate(examples: list[TokenizedStep], pad_token_id: int) -> dict[str, torch
     return {"input_ids": input_ids, "attention_mask": attention_mask, "context_mask": context_mask, "labels": labels}
 
 
-def batches(num_examples: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[list[int]]:
-    """Endless, reproducible shuffled batches of example indices, resumable at any step."""
+def batches(
+    num_examples: int, batch_size: int, seed: int, start_step: int = 0, lengths: list[int] | None = None,
+    group: int = 8,
+) -> Iterator[list[int]]:
+    """Endless, reproducible shuffled batches of example indices, resumable at any step.
+
+    With ``lengths`` (tokens per example), each run of ``group`` batches is drawn at random, sorted by length and cut
+    into batches, and those batches are shuffled: rows of a batch have similar lengths, so little compute goes to
+    padding, while the data order stays random at the scale of a few batches.
+    """
     per_epoch = max(num_examples // batch_size, 1)
     step = start_step
     while True:
         epoch, offset = divmod(step, per_epoch)
+        shuffler = random.Random(seed * 1_000_003 + epoch)
         order = list(range(num_examples))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        shuffler.shuffle(order)
+        if lengths is not None:
+            grouped = []
+            span = batch_size * group
+            for start in range(0, per_epoch * batch_size, span):
+                chunk = sorted(order[start : min(start + span, per_epoch * batch_size)], key=lengths.__getitem__)
+                cut = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+                shuffler.shuffle(cut)
+                grouped += [index for part in cut for index in part]
+            order = grouped
         yield order[offset * batch_size : (offset + 1) * batch_size]
         step += 1
 
 
 class SkipBudget:
-    """Gate regulariser as a compute budget: the batch should skip ``config.target_skip_rate`` of its block FLOPs.
+    """The gate regulariser: a compute budget of ``config.target_skip_rate`` of the batch's block FLOPs, which the
+    routers must spend where skipping costs the task loss least.
 
-    The budget is shared by the whole batch (every step and block), not imposed on each step, so the routers may
-    spend it where skipping costs the task loss least. Compute is priced in FLOPs: a row's blocks weigh as many
-    tokens as the row runs through them (context plus target), while the task loss counts the row's target tokens
-    only. Skipping a block for a step with a long context and a short answer therefore buys much compute for
-    little loss; the step's type is never consulted.
+    The budget is shared by every step and block, not imposed on each step. Compute is priced in FLOPs: a row's
+    blocks weigh as many tokens as the row runs through them (context plus target), while the task loss counts the
+    row's target tokens only. The price of compute is the Lagrange multiplier of the equality constraint
+    ``skipped_share == target``: after every step it moves by ``config.regularizer_weight`` times the gap, rising
+    while the batch skips too little and falling (below zero, which rewards keeping blocks) while it skips too much,
+    so it settles at whatever price holds the budget, whatever the scale of the task loss.
 
-    The penalty is ``multiplier * (target - skipped_share)``, with the skipped share taken from the hard gates and
-    differentiated through the keep probabilities (straight-through). The multiplier is the Lagrange multiplier of
-    the equality constraint ``skipped_share == target``: it moves by ``config.regularizer_weight`` times the gap
-    after every step, rising while the batch skips too little and falling (below zero, which rewards keeping
-    blocks) while it skips too much, so it settles at whatever price of compute holds the budget, whatever the
-    scale of the task loss, and damps overshoot in both directions.
+    Routers learn from measured costs, not from the gate's gradient alone. The straight-through gradient of a
+    whole block's on/off switch is a linearisation, and on a real model it is a poor one: it often promises that
+    removing a block lowers the loss when removing it raises the loss a lot. So for a few sampled blocks per step
+    the rows are run again with the block's decision flipped (:meth:`LayerRouteModel.skip_costs`), and the
+    measurement is kept, with what the block's router read, in a memory of the newest ``memory_size`` rows per
+    block (:meth:`measure`). Every step, every router is fitted by binary cross-entropy to the decisions that lower
+    the Lagrangian for all the rows it remembers (:meth:`router_loss`): keep when the row's loss increase exceeds
+    the price of the block's compute for that row, skip otherwise. Targets are recomputed at the current price, so
+    old measurements follow the budget. Step types are never consulted.
     """
 
-    def __init__(self, config: LayerRouteConfig, multiplier: float = 0.0) -> None:
+    def __init__(self, config: LayerRouteConfig, num_layers: int, memory_size: int = 256) -> None:
         self.target = config.target_skip_rate
         self.step_size = config.regularizer_weight
-        self.multiplier = multiplier
+        self.multiplier = 0.0
+        self.memory_size = memory_size
+        # per block: router features (rows, hidden), loss increase in task-loss units (rows,), price weight (rows,)
+        self.memory: list[dict[str, torch.Tensor] | None] = [None] * num_layers
 
     @staticmethod
-    def skipped_share(keep_probs: torch.Tensor, keep: torch.Tensor, tokens: torch.Tensor | None = None):
-        """FLOP-weighted share of blocks skipped (straight-through: hard value, soft gradient).
+    def skipped_share(keep: torch.Tensor, tokens: torch.Tensor | None = None) -> float:
+        """FLOP-weighted share of blocks skipped.
 
-        Args: ``keep_probs`` and ``keep`` ``(batch, num_layers)``; ``tokens`` ``(batch,)`` tokens each row runs
-        (``None``: rows weigh the same).
+        Args: ``keep`` ``(batch, num_layers)`` bool; ``tokens`` ``(batch,)`` tokens each row runs (``None``: rows weigh
+        the same).
         """
-        gates = keep.to(keep_probs.dtype) + keep_probs - keep_probs.detach()
-        weights = torch.ones(gates.shape[0], device=gates.device) if tokens is None else tokens.to(gates)
-        return ((1.0 - gates) * weights[:, None]).sum() / (weights.sum() * gates.shape[1])
+        weights = torch.ones(keep.shape[0], device=keep.device) if tokens is None else tokens.float()
+        return float(((~keep).float() * weights[:, None]).sum() / (weights.sum() * keep.shape[1]))
 
-    def penalty(self, keep_probs: torch.Tensor, keep: torch.Tensor, tokens: torch.Tensor | None = None):
-        return self.multiplier * (self.target - self.skipped_share(keep_probs, keep, tokens))
+    def keep_targets(self, loss_increase: torch.Tensor, price_weight: torch.Tensor) -> torch.Tensor:
+        """1.0 where keeping the block is worth its compute at the current price, 0.0 where skipping is.
+
+        Args:
+            loss_increase: how much skipping the block raises the task loss (the batch's mean target-token loss),
+                per row: the row's summed loss increase over the batch's number of target tokens.
+            price_weight: the row's share of the batch's block FLOPs for one block, ``tokens / (batch tokens *
+                num_layers)``; times the multiplier, the change in the regulariser when the row skips the block.
+        """
+        return (loss_increase > self.multiplier * price_weight).float()
+
+    def measure(self, model, batch: dict[str, torch.Tensor], output, blocks: list[int], gather=None) -> None:
+        """Measure what skipping each of ``blocks`` costs every row of ``batch`` and remember it.
+
+        ``output`` is the training forward of ``batch`` with ``record_probes=True``. ``gather`` (e.g.
+        ``accelerator.gather``) collects the measurements of every process, so all processes fit the same routers.
+        """
+        costs = model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], output, blocks)
+        tokens = batch["attention_mask"].sum(dim=1).float()
+        supervised = (batch["labels"][:, 1:] != -100).sum().float()
+        price_weight = tokens / (tokens.sum() * model.num_layers)
+        features = output.router_features[:, blocks]
+        loss_increase = costs / supervised
+        if gather is not None:
+            features, loss_increase, price_weight = gather((features.contiguous(), loss_increase, price_weight))
+        for column, block in enumerate(blocks):
+            self._remember(block, features[:, column], loss_increase[:, column], price_weight)
+
+    def router_loss(self, model) -> torch.Tensor:
+        """Sum over routers of each router's binary cross-entropy against the targets of the rows it remembers."""
+        losses = []
+        for router, memory in zip(model.routers, self.memory):
+            if memory is not None:
+                logits = router.proj(memory["features"].to(router.proj.weight.device)).squeeze(-1)
+                targets = self.keep_targets(memory["loss_increase"], memory["price_weight"]).to(logits.device)
+                losses.append(F.binary_cross_entropy_with_logits(logits, targets))
+        # routers are independent: each gets its own full gradient
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=model.device)
+
+    def _remember(self, block: int, features, loss_increase, price_weight) -> None:
+        new = {"features": features.detach().float().cpu(), "loss_increase": loss_increase.detach().float().cpu(),
+               "price_weight": price_weight.detach().float().cpu()}
+        old = self.memory[block]
+        if old is not None:
+            new = {key: torch.cat([old[key], value])[-self.memory_size :] for key, value in new.items()}
+        self.memory[block] = new
 
     def update(self, skipped_share: float) -> None:
         self.multiplier += self.step_size * (self.target - skipped_share)
 
     def state_dict(self) -> dict:
-        return {"multiplier": self.multiplier}
+        return {"multiplier": self.multiplier, "memory": self.memory}
 
     def load_state_dict(self, state: dict) -> None:
         self.multiplier = float(state["multiplier"])
+        self.memory = list(state["memory"])
+
+
+def probed_blocks(num_layers: int, count: int, seed: int, step: int) -> list[int]:
+    """The blocks whose skip cost is measured at ``step``: ``count`` of them, drawn afresh (and reproducibly, for
+    resuming) every step."""
+    return sorted(random.Random(seed * 1_000_003 + step).sample(range(num_layers), min(count, num_layers)))
 
 
 @torch.no_grad()
@@ -160,12 +237,13 @@ def block_influence(model, examples: list[TokenizedStep], pad_token_id: int, bat
     return totals / max(count, 1)
 
 
-def init_router_biases(model, influence: torch.Tensor, low: float, high: float) -> None:
-    """Start each router's bias between ``low`` (least influential block: close to being skipped) and ``high``
-    (most influential: firmly kept), linearly in the block's influence rank, so the budget is first spent on the
-    blocks that matter least rather than on whichever flips first."""
-    ranks = torch.empty_like(influence)
-    ranks[influence.argsort()] = torch.arange(len(influence), dtype=influence.dtype)
+def fix_routes(model, skipped: list[int]) -> None:
+    """Turn every router into a constant: the ``skipped`` blocks are skipped for every step, the others always run.
+
+    This is static pruning expressed as an ordinary adapter (zero router weights, saturated biases), so a pruned
+    model saves, loads, serves and evaluates like any other.
+    """
     with torch.no_grad():
-        for router, rank in zip(model.routers, ranks):
-            router.proj.bias.fill_(low + (high - low) * float(rank) / max(len(influence) - 1, 1))
+        for index, router in enumerate(model.routers):
+            router.proj.weight.zero_()
+            router.proj.bias.fill_(-20.0 if index in skipped else 20.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from layerroute import LayerRouteConfig, LayerRouteModel
 from layerroute.steps import TokenizedStep
-from layerroute.training import SkipBudget, batches, collate
+from layerroute.training import SkipBudget, batches, collate, fix_routes, probed_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -35,19 +36,23 @@ def examples(seed: int = 0, count: int = 8) -> list[TokenizedStep]:
     return out
 
 
-def train_steps(model: LayerRouteModel, data: list[TokenizedStep], steps: int) -> list[float]:
+def train_steps(model: LayerRouteModel, data: list[TokenizedStep], steps: int, router_targets: bool = True):
+    """The loop of training/finetune.py in miniature; returns the task loss of every step."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    budget = SkipBudget(model.config)
+    budget = SkipBudget(model.config, model.num_layers)
     losses = []
     order = batches(len(data), 4, seed=0)
-    for _ in range(steps):
+    for step in range(steps):
         batch = collate([data[i] for i in next(order)], pad_token_id=0)
-        out = model(**batch)
-        loss = out.loss + budget.penalty(out.keep_probs, out.keep)
+        out = model(**batch, record_probes=True)
+        loss = out.loss
+        if router_targets:
+            budget.measure(model, batch, out, probed_blocks(model.num_layers, 2, seed=0, step=step))
+            loss = loss + budget.router_loss(model)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        budget.update(1.0 - out.keep.float().mean().item())
+        budget.update(budget.skipped_share(out.keep, batch["attention_mask"].sum(dim=1)))
         losses.append(out.loss.item())
     return losses
 
@@ -63,8 +68,50 @@ def test_tiny_model_loss_falls():
 def test_routers_receive_gradients_through_the_estimator():
     model = LayerRouteModel.from_base(tiny_qwen2(), LayerRouteConfig(router_pooling="last")).train()
     before = [router.proj.weight.detach().clone() for router in model.routers]
-    train_steps(model, examples(), 3)
+    train_steps(model, examples(), 3, router_targets=False)  # the task loss alone, through the hard gates
     assert all(not torch.equal(b, r.proj.weight) for b, r in zip(before, model.routers))
+
+
+def test_skip_costs_equal_rerunning_the_batch_with_the_block_removed():
+    torch.manual_seed(0)
+    model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
+    batch = collate(examples(count=3), pad_token_id=0)
+
+    def row_loss(skip):
+        return model(**batch, forced_skip=skip).token_nll.sum(dim=1).detach()
+
+    out = model(**batch, forced_skip={1}, record_probes=True)  # block 1 off for every row
+    costs = model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], out, [0, 1, 3])
+    expected = torch.stack([row_loss({0, 1}) - row_loss({1}), row_loss({1}) - row_loss(()),
+                            row_loss({1, 3}) - row_loss({1})], dim=1)
+    torch.testing.assert_close(costs, expected, atol=1e-5, rtol=1e-4)
+    assert costs.abs().min() > 0  # a real difference for every row and block, not a no-op
+
+
+def test_router_targets_keep_what_costs_more_than_its_compute():
+    budget = SkipBudget(LayerRouteConfig(), num_layers=4)
+    budget.multiplier = 8.0
+    loss_increase = torch.tensor([0.01, 0.6, 0.01, 0.6])
+    price_weight = torch.tensor([0.0625, 0.0625, 0.1875, 0.1875])  # 100 and 300 tokens of a 400-token batch, 4 blocks
+    # price: 0.5 for the short row, 1.5 for the long one
+    assert budget.keep_targets(loss_increase, price_weight).tolist() == [0.0, 1.0, 0.0, 0.0]
+    budget.multiplier = -1.0  # over budget: keeping everything is rewarded
+    assert budget.keep_targets(loss_increase, price_weight).all()
+
+
+def test_routers_learn_from_remembered_skip_costs():
+    torch.manual_seed(0)
+    model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
+    budget = SkipBudget(model.config, model.num_layers, memory_size=6)
+    batch = collate(examples(count=4), pad_token_id=0)
+    budget.measure(model, batch, model(**batch, record_probes=True), [1, 3])
+    assert [m is not None for m in budget.memory] == [False, True, False, True]
+    assert budget.memory[1]["features"].shape == (4, 64)
+    budget.router_loss(model).backward()
+    assert model.routers[1].proj.weight.grad.abs().sum() > 0 and model.routers[0].proj.weight.grad is None
+    for _ in range(2):
+        budget.measure(model, batch, model(**batch, record_probes=True), [1])
+    assert budget.memory[1]["features"].shape == (6, 64)  # the newest rows only
 
 
 def test_step_types_never_reach_the_loss():
@@ -89,7 +136,7 @@ def test_collate_masks_context_and_target():
 
 
 def test_budget_multiplier_tracks_the_gap_both_ways():
-    budget = SkipBudget(LayerRouteConfig(target_skip_rate=0.2, regularizer_weight=10.0))
+    budget = SkipBudget(LayerRouteConfig(target_skip_rate=0.2, regularizer_weight=10.0), num_layers=4)
     budget.update(0.0)
     assert budget.multiplier == pytest.approx(2.0)
     budget.update(0.5)
@@ -100,6 +147,20 @@ def test_batches_resume_mid_epoch():
     full = [b for _, b in zip(range(7), batches(10, 3, seed=4))]
     resumed = [b for _, b in zip(range(4), batches(10, 3, seed=4, start_step=3))]
     assert full[3:] == resumed
+
+
+def test_length_grouped_batches_pad_less_and_still_cover_the_epoch():
+    lengths = [random.Random(i).randint(10, 500) for i in range(64)]
+
+    def padding(order):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in order)
+
+    grouped = [b for _, b in zip(range(16), batches(64, 4, seed=1, lengths=lengths))]
+    plain = [b for _, b in zip(range(16), batches(64, 4, seed=1))]
+    assert sorted(i for b in grouped for i in b) == list(range(64))
+    assert padding(grouped) < 0.5 * padding(plain)
+    resumed = [b for _, b in zip(range(6), batches(64, 4, seed=1, start_step=10, lengths=lengths))]
+    assert resumed == grouped[10:]
 
 
 def run_finetune(args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -184,3 +245,13 @@ def test_two_cpu_processes_under_accelerate_launch(tiny_chat_dir, tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert (tmp_path / "ddp" / "adapter_model.safetensors").exists()
+
+
+def test_fixed_routes_skip_the_same_blocks_for_every_step_and_survive_saving(tmp_path):
+    model = LayerRouteModel.from_base(tiny_qwen2()).eval()
+    fix_routes(model, [0, 2])
+    batch = collate(examples(count=4), pad_token_id=0)
+    assert model(batch["input_ids"], batch["attention_mask"]).keep.tolist() == [[False, True, False, True]] * 4
+    model.save_pretrained(tmp_path)
+    reloaded = LayerRouteModel.from_pretrained(tmp_path, base_model=tiny_qwen2()).eval()
+    assert reloaded(batch["input_ids"]).keep[0].tolist() == [False, True, False, True]

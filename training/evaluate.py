@@ -1,12 +1,12 @@
 """Evaluate a LayerRoute adapter on held-out agent steps, per step type.
 
     python training/evaluate.py --adapter runs/default --data training/data/corpus/test.jsonl.gz \\
-        --lora-only runs/lora-only
+        --lora-only runs/lora-only --static-pruning runs/static
 
 Prints JSON on stdout and writes evaluation.md beside the adapter: per step type the number of steps, mean blocks
-skipped, FLOP-skip fraction, perplexity of the frozen base, of LayerRoute (routing on) and of a LoRA-only adapter
-trained with the same budget; tool-call exact match for the three; measured wall-clock per step against the full
-model (same adapter, every block running).
+skipped, FLOP-skip fraction, perplexity of the frozen base, of LayerRoute (routing on), of a LoRA-only adapter and of
+a static-pruning adapter trained with the same budget; tool-call exact match for each; measured wall-clock per step
+against the full model (same adapter and LoRA, every block running), per step type.
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteModel, load_base_model  # noqa: E402
-from layerroute.evaluation import perplexity_by_type, routing_report, tool_call_exact_match  # noqa: E402
+from layerroute.evaluation import (  # noqa: E402
+    perplexity_by_type,
+    routing_report,
+    tool_call_exact_match,
+    wall_clock_by_type,
+)
 from layerroute.model import ADAPTER_CONFIG  # noqa: E402
 from layerroute.steps import tokenize_step, trace_steps  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
@@ -33,18 +38,23 @@ def main(argv=None) -> int:
     parser.add_argument("--adapter", type=Path, required=True, help="directory written by finetune.py")
     parser.add_argument("--data", nargs="+", default=[str(ROOT / "training" / "data" / "corpus" / "test.jsonl.gz")])
     parser.add_argument("--lora-only", type=Path, default=None, help="adapter trained with --no-routing")
+    parser.add_argument("--static-pruning", type=Path, default=None, help="adapter trained with --static-prune K")
     parser.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
     parser.add_argument("--max-length", type=int, default=768)
     parser.add_argument("--max-target-length", type=int, default=192)
     parser.add_argument("--max-steps", type=int, default=300, help="steps per type for skip and perplexity")
     parser.add_argument("--generation-steps", type=int, default=40, help="tool-call steps to generate per model")
+    parser.add_argument("--timing-steps", type=int, default=8, help="steps per type timed routed vs full depth")
+    parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--on-bad-record", choices=("raise", "skip"), default="raise")
     args = parser.parse_args(argv)
 
     recorded = json.loads((args.adapter / ADAPTER_CONFIG).read_text())["base_model"]["name_or_path"]
     base, tokenizer = load_base_model(args.model or recorded)
-    lora_only_base = copy.deepcopy(base) if args.lora_only else None  # wrapping modifies a base in place
+    # wrapping modifies a base in place: each baseline adapter gets its own copy
+    baselines = {name: (path, copy.deepcopy(base)) for name, path in
+                 (("lora_only", args.lora_only), ("static_pruning", args.static_pruning)) if path}
     model = LayerRouteModel.from_pretrained(args.adapter, base_model=base).eval()
     steps = [s for t in read_sources(args.data, on_bad_record=args.on_bad_record).traces for s in trace_steps(t)]
     if not steps:
@@ -78,19 +88,24 @@ def main(argv=None) -> int:
         "layerroute": tool_call_exact_match(model, tokenizer, generation, generation_refs),
         "layerroute_full_depth": tool_call_exact_match(model, tokenizer, generation, generation_refs, forced_skip=()),
     }
-    if args.lora_only:
-        lora_only = LayerRouteModel.from_pretrained(args.lora_only, base_model=lora_only_base).eval()
-        perplexities["lora_only"] = perplexity_by_type(lora_only, every, forced_skip=())
-        matches["lora_only"] = tool_call_exact_match(lora_only, tokenizer, generation, generation_refs, forced_skip=())
+    for name, (path, copy_of_base) in baselines.items():
+        baseline = LayerRouteModel.from_pretrained(path, base_model=copy_of_base).eval()
+        # LoRA-only never skips; static pruning skips through its constant routers
+        forced_skip = () if name == "lora_only" else None
+        perplexities[name] = perplexity_by_type(baseline, every, forced_skip=forced_skip)
+        matches[name] = tool_call_exact_match(baseline, tokenizer, generation, generation_refs, forced_skip=forced_skip)
+        if name == "static_pruning":
+            result["static_pruning"] = {kind: {k: v for k, v in values.items() if k != "block_skip_rate"}
+                                        for kind, values in routing_report(baseline, every)["by_step_type"].items()}
+        del baseline
     for kind in by_type:
         by_type[kind].pop("block_skip_rate")
         by_type[kind]["perplexity"] = {name: values.get(kind) for name, values in perplexities.items()}
     result["tool_call_exact_match"] = {name: m["exact_match"] for name, m in matches.items()}
     result["tool_call_steps_generated"] = len(generation)
-    routed, full = matches["layerroute"]["median_seconds_per_step"], matches["layerroute_full_depth"][
-        "median_seconds_per_step"]
-    result["wall_clock_tool_call_step"] = {"layerroute_s": routed, "full_depth_s": full,
-                                           "ratio": routed / full if routed and full else None}
+    model.merge_lora()  # timed as served
+    timed = examples["tool_call"][: args.timing_steps] + examples["planning"][: args.timing_steps]
+    result["wall_clock_by_type"] = wall_clock_by_type(model, timed, args.timing_repeats)
     print(json.dumps(result, indent=2))
     write_markdown(args.adapter / "evaluation.md", result)
     return 0
@@ -109,10 +124,15 @@ def write_markdown(path: Path, result: dict) -> None:
         lines += ["", f"FLOP-skip differential: {result['flops_skip_differential_points']:.1f} points."]
     lines += ["", f"Tool-call exact match over {result['tool_call_steps_generated']} generated steps: "
               + ", ".join(f"{n} {v:.1%}" for n, v in result["tool_call_exact_match"].items()) + "."]
-    clock = result["wall_clock_tool_call_step"]
-    if clock["ratio"]:
-        lines += ["", f"Median wall-clock per tool-call step: LayerRoute {clock['layerroute_s']:.3f} s, full depth "
-                  f"{clock['full_depth_s']:.3f} s (ratio {clock['ratio']:.3f})."]
+    if "static_pruning" in result:
+        lines += ["", "Static pruning (same blocks deleted for every step): "
+                  + ", ".join(f"{kind} {v['flops_skipped_frac']:.1%} of FLOPs skipped"
+                              for kind, v in result["static_pruning"].items()) + "."]
+    lines += ["", "| step type | timed steps | LayerRoute s | full depth s | time saved | FLOPs saved |",
+              "|---|---|---|---|---|---|"]
+    for kind, clock in result["wall_clock_by_type"].items():
+        lines.append(f"| {kind} | {clock['steps']} | {clock['routed_s']:.2f} | {clock['full_depth_s']:.2f} | "
+                     f"{clock['time_saved_frac']:.1%} | {clock['flops_saved_frac']:.1%} |")
     path.write_text("\n".join(lines) + "\n")
 
 

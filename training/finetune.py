@@ -2,12 +2,13 @@
 
     python training/finetune.py                                  # embedded SmolLM2-135M + embedded corpus, CPU-sized
     python training/finetune.py --data logs/*.jsonl --model Qwen/Qwen2.5-0.5B-Instruct --output runs/mine
-    python training/finetune.py --preset seed                    # the published setting (GPU): Qwen2.5-0.5B, 3,000 steps
+    python training/finetune.py --preset seed                    # published setting (GPU): Qwen2.5-0.5B, 3,000 steps
     accelerate launch training/finetune.py ...                   # several GPUs / nodes (DDP)
     python training/finetune.py --output runs/x --resume         # continue an interrupted run
 
-Loss: next-token loss on each step's target tokens (the LM head runs only there) plus the gate regulariser. Step
-types never reach the loss; they are used only for the held-out report at the end.
+Loss: next-token loss on each step's target tokens (the LM head runs only there), plus the gate regulariser: a
+FLOP budget whose price is a Lagrange multiplier, and which teaches the routers from measured skip costs (see
+``layerroute.training.SkipBudget``). Step types never reach the loss; they are used only for the held-out report.
 """
 
 from __future__ import annotations
@@ -38,20 +39,21 @@ from layerroute.training import (  # noqa: E402
     block_influence,
     build_examples,
     collate,
-    init_router_biases,
-)  # noqa: E402
+    fix_routes,
+    probed_blocks,
+)
 
 CORPUS = ROOT / "training" / "data" / "corpus"
 PRESETS = {
     # What runs in minutes on a 2-core CPU (the default).
-    "cpu": dict(model=None, steps=100, batch_size=4, lr=1e-3, router_lr=5e-4, max_length=512),
+    "cpu": dict(model=None, steps=70, batch_size=4, lr=1e-3, router_lr=1e-2, max_length=512),
     # The published setting, for a GPU.
-    "seed": dict(model="Qwen/Qwen2.5-0.5B-Instruct", steps=3000, batch_size=8, lr=2e-4, router_lr=5e-4,
+    "seed": dict(model="Qwen/Qwen2.5-0.5B-Instruct", steps=3000, batch_size=8, lr=2e-4, router_lr=1e-2,
                  max_length=1536),
 }
-RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing",
+RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing", "static_prune",
                  "target_skip_rate", "regularizer_weight", "router_pooling", "router_init_bias",
-                 "router_init_bias_min")
+                 "skip_cost_blocks", "router_fit_steps")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,22 +66,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, default=argparse.SUPPRESS, help="LoRA learning rate")
-    parser.add_argument("--router-lr", type=float, default=argparse.SUPPRESS)
+    parser.add_argument("--router-lr", type=float, default=argparse.SUPPRESS, help="router learning rate (SGD)")
     parser.add_argument("--max-length", type=int, default=argparse.SUPPRESS, help="context token budget per step")
     parser.add_argument("--max-target-length", type=int, default=160)
     parser.add_argument("--target-skip-rate", type=float, default=LayerRouteConfig.target_skip_rate)
     parser.add_argument("--regularizer-weight", type=float, default=LayerRouteConfig.regularizer_weight)
     parser.add_argument("--router-pooling", choices=("mean", "last"), default=LayerRouteConfig.router_pooling)
-    parser.add_argument("--router-init-bias", type=float, default=LayerRouteConfig.router_init_bias,
-                        help="initial router bias of the most influential block")
-    parser.add_argument("--router-init-bias-min", type=float, default=0.5,
-                        help="initial router bias of the least influential block (biases spread by block influence "
-                             "rank, measured on training steps before training); equal to --router-init-bias "
-                             "for a uniform start")
+    parser.add_argument("--router-init-bias", type=float, default=LayerRouteConfig.router_init_bias)
+    parser.add_argument("--router-fit-steps", type=int, default=10,
+                        help="router optimiser steps per training step on the remembered skip costs")
+    parser.add_argument("--skip-cost-blocks", type=int, default=2,
+                        help="blocks per step whose skip cost is measured to teach their routers (each costs up to "
+                             "one extra forward pass without gradients)")
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "default")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-routing", action="store_true", help="LoRA-only baseline with the same budget")
+    parser.add_argument("--static-prune", type=int, default=0, metavar="K",
+                        help="static-pruning baseline: delete the K blocks of lowest influence (1 - cos of block "
+                             "input and output on training steps) for every step, and heal with LoRA")
     parser.add_argument("--checkpoint-every", type=int, default=25)
     parser.add_argument("--report-steps", type=int, default=120, help="held-out steps in the final routing report")
     parser.add_argument("--on-bad-record", choices=("raise", "skip"), default="raise")
@@ -90,12 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, budget, step: int, args) -> None:
-    """Adapter + optimizer + scheduler + step, written to a staging directory and swapped in atomically."""
+def save_checkpoint(directory: Path, model, optimizers, schedulers, budget, step: int, args) -> None:
+    """Adapter + optimizers + schedulers + budget + step, written to a staging directory and swapped in atomically."""
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    torch.save({"optimizers": [o.state_dict() for o in optimizers], "schedulers": [s.state_dict() for s in schedulers],
                 "budget": budget.state_dict(), "step": step},
                staging / "training_state.pt")
     (staging / "run.json").write_text(json.dumps(run_identity(args), indent=2))
@@ -108,6 +113,12 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, budget, step: 
 
 def run_identity(args) -> dict:
     return {key: (str(v) if isinstance(v := getattr(args, key), Path) else v) for key in RUN_ARGUMENTS}
+
+
+def skip_rate_by_type(keep: torch.Tensor, step_types: list[str]) -> dict[str, float]:
+    skipped = (~keep).float().mean(dim=1).tolist()
+    return {kind: sum(v for v, t in zip(skipped, step_types) if t == kind) / step_types.count(kind)
+            for kind in sorted(set(step_types))}
 
 
 def main(argv=None) -> int:
@@ -146,33 +157,39 @@ def main(argv=None) -> int:
         config = LayerRouteConfig(target_skip_rate=args.target_skip_rate, regularizer_weight=args.regularizer_weight,
                                   router_pooling=args.router_pooling, router_init_bias=args.router_init_bias)
         model = LayerRouteModel.from_base(base, config, base_model_name_or_path=args.model)
-        if not args.no_routing and args.router_init_bias_min != args.router_init_bias:
-            probe = [train.examples[i] for i in next(batches(len(train.examples), 32, args.seed + 1))]
-            influence = block_influence(model, probe, tokenizer.pad_token_id)
-            init_router_biases(model, influence, args.router_init_bias_min, args.router_init_bias)
-            accelerator.print("block influence (1 - cos): " + " ".join(f"{v:.3f}" for v in influence.tolist()))
     config = model.config
-    if args.no_routing:
+    if args.static_prune and not args.resume:
+        probe = [train.examples[i] for i in next(batches(len(train.examples), 32, args.seed + 1))]
+        influence = block_influence(model, probe, tokenizer.pad_token_id)
+        pruned = sorted(influence.argsort()[: args.static_prune].tolist())
+        fix_routes(model, pruned)
+        accelerator.print(f"static pruning: blocks {pruned} deleted for every step (influence "
+                          + " ".join(f"{v:.3f}" for v in influence.tolist()) + ")")
+    learn_routes = not (args.no_routing or args.static_prune)
+    if not learn_routes:
         for router in model.routers:
             router.requires_grad_(False)
     routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
     lora = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
-    groups = [{"params": lora, "lr": args.lr}] + ([{"params": routers, "lr": args.router_lr}] if routers else [])
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    optimizers = [torch.optim.AdamW(lora, lr=args.lr, weight_decay=0.0)]
+    if routers:
+        optimizers.append(torch.optim.AdamW(routers, lr=args.router_lr, weight_decay=0.0))
     warmup = max(args.steps // 20, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
-    )
-    budget = SkipBudget(config)
+    ) for optimizer in optimizers]
+    budget = SkipBudget(config, model.num_layers)
     start = 0
     if args.resume:
         state = torch.load(checkpoint / "training_state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
         budget.load_state_dict(state["budget"])
         start = state["step"]
         accelerator.print(f"resuming {output} at step {start}")
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, *optimizers = accelerator.prepare(model, *optimizers)
     unwrapped = accelerator.unwrap_model(model)
     model.train()
 
@@ -189,7 +206,8 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGINT, stop)
     shard = accelerator.process_index
-    order = batches(len(train.examples), args.batch_size * accelerator.num_processes, args.seed, start)
+    lengths = [len(e.context_ids) + len(e.target_ids) for e in train.examples]
+    order = batches(len(train.examples), args.batch_size * accelerator.num_processes, args.seed, start, lengths)
     progress = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not accelerator.is_main_process)
     for step in progress:
         indices = next(order)[shard :: accelerator.num_processes]
@@ -197,31 +215,45 @@ def main(argv=None) -> int:
                                                                  tokenizer.pad_token_id).items()}
         began = time.perf_counter()
         with accelerator.autocast():
-            out = model(**batch, forced_skip=() if args.no_routing else None)
-            tokens = batch["attention_mask"].sum(dim=1)
-            regularizer = torch.zeros((), device=out.loss.device) if args.no_routing else \
-                budget.penalty(out.keep_probs, out.keep, tokens)
-            loss = out.loss + regularizer
+            out = model(**batch, forced_skip=() if args.no_routing else None, record_probes=learn_routes)
+            router_loss = torch.zeros((), device=out.loss.device)
+            if learn_routes:
+                probed = probed_blocks(unwrapped.num_layers, args.skip_cost_blocks, args.seed, step)
+                budget.measure(unwrapped, batch, out, probed, gather=accelerator.gather)
+                router_loss = budget.router_loss(unwrapped)
+            loss = out.loss + router_loss
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        accelerator.clip_grad_norm_(lora, 1.0)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if learn_routes:
+            # more passes over the remembered measurements: they are stored features, so this costs milliseconds,
+            # and every process holds the same memory, so the routers stay identical across processes
+            for _ in range(args.router_fit_steps - 1):
+                budget.router_loss(unwrapped).backward()
+                optimizers[1].step()
+                optimizers[1].zero_grad(set_to_none=True)
+        for scheduler in schedulers:
+            scheduler.step()
         skip_rate = 1.0 - accelerator.gather(out.keep.float().mean().reshape(1)).mean().item()
-        flops_skip = accelerator.gather(budget.skipped_share(out.keep_probs, out.keep, tokens).detach().reshape(1))
-        if not args.no_routing:
+        tokens = batch["attention_mask"].sum(dim=1)
+        flops_skip = accelerator.gather(torch.tensor([budget.skipped_share(out.keep, tokens)], device=loss.device))
+        if learn_routes:
             budget.update(flops_skip.mean().item())
         record = {"step": step + 1, "loss": loss.item(), "lm_loss": out.loss.item(),
-                  "regularizer": regularizer.item(), "skip_rate": skip_rate,
+                  "router_loss": router_loss.item(), "skip_rate": skip_rate,
                   "flops_skip_share": flops_skip.mean().item(), "multiplier": budget.multiplier,
-                  "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - began}
+                  "lr": schedulers[0].get_last_lr()[0], "seconds": time.perf_counter() - began,
+                  # read after the step, for the report only (this process's rows)
+                  "skip_rate_by_type": skip_rate_by_type(out.keep, [train.examples[i].step_type for i in indices])}
         if accelerator.is_main_process:
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
         progress.set_postfix(loss=f"{record['lm_loss']:.3f}", skip=f"{skip_rate:.1%}")
         done = step + 1
         if accelerator.is_main_process and (done % args.checkpoint_every == 0 or done == args.steps or interrupted):
-            save_checkpoint(checkpoint, unwrapped, optimizer, scheduler, budget, done, args)
+            save_checkpoint(checkpoint, unwrapped, optimizers, schedulers, budget, done, args)
         if interrupted:
             accelerator.print(f"\ninterrupted at step {done}; resume with: python training/finetune.py "
                               f"--output {output} --resume")

@@ -1,0 +1,47 @@
+"""training/evaluate.py end to end on a tiny model: every section of the report, static pruning included."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from layerroute import LayerRouteModel, load_base_model
+from layerroute.training import fix_routes
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_reports_every_model_and_step_type(tiny_chat_dir, tmp_path, capsys):
+    for name, pruned in (("routed", None), ("lora-only", None), ("static", [1])):
+        model = LayerRouteModel.from_base(load_base_model(tiny_chat_dir)[0], base_model_name_or_path=tiny_chat_dir)
+        if pruned:
+            fix_routes(model, pruned)
+        model.save_pretrained(tmp_path / name)
+    data = [str(FIXTURES / "openai.jsonl"), str(FIXTURES / "gsm8k.jsonl")]
+    code = load_script("evaluate").main([
+        "--adapter", str(tmp_path / "routed"), "--lora-only", str(tmp_path / "lora-only"),
+        "--static-pruning", str(tmp_path / "static"), "--data", *data, "--max-steps", "3",
+        "--generation-steps", "2", "--timing-steps", "1", "--timing-repeats", "1"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["by_step_type"]) == {"tool_call", "planning"}
+    for values in result["by_step_type"].values():
+        assert set(values["perplexity"]) == {"base", "layerroute", "lora_only", "static_pruning"}
+        assert values["flops_skipped_frac"] == 0.0  # fresh routers keep every block
+    assert set(result["tool_call_exact_match"]) == {"base", "layerroute", "layerroute_full_depth", "lora_only",
+                                                    "static_pruning"}
+    # one of three blocks deleted for every step, on both step types
+    assert all(abs(v["layers_skipped_frac"] - 1 / 3) < 1e-9 and v["flops_skipped_frac"] > 0
+               for v in result["static_pruning"].values())
+    clock = result["wall_clock_by_type"]
+    assert set(clock) == {"tool_call", "planning"} and all(v["full_depth_s"] > 0 for v in clock.values())
+    assert "| tool_call |" in (tmp_path / "routed" / "evaluation.md").read_text()
