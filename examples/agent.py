@@ -66,8 +66,10 @@ def main() -> None:
     args = parser.parse_args()
 
     llm = ChatLayerRoute(adapter=args.adapter, max_tokens=96)
+    # the wording of the system prompts the embedded corpus was trained with
     agent = create_agent(llm, tools=[calculator, country_facts],
-                         system_prompt="You are a helpful agent. Use the tools, then answer briefly.")
+                         system_prompt="You are a helpful assistant that can use tools. Think step by step and call "
+                                       "a tool when it helps.")
     args.costs.unlink(missing_ok=True)
     with layerroute_cost_tracking(args.costs) as costs:
         result = agent.invoke({"messages": [("user", args.question)]}, {"recursion_limit": 12})

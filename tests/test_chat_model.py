@@ -1,5 +1,5 @@
-"""ChatLayerRoute on a tiny random Llama (tokenizer and chat template from the embedded SmolLM2; see conftest): metadata,
-streaming, tool-call parsing, tool_choice, concurrency and cost tracking."""
+"""ChatLayerRoute on a tiny random Llama (tokenizer and chat template from the embedded SmolLM2; see conftest):
+metadata, streaming, tool-call parsing, tool_choice, concurrency and cost tracking."""
 
 from __future__ import annotations
 
@@ -40,17 +40,19 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-class TestChatLayerRouteStandard(ChatModelUnitTests):
+class ChatLayerRouteCapabilities:
+    """What ChatLayerRoute declares to langchain-tests' standard suites (unit and integration)."""
+
     @property
     def chat_model_class(self):
         return ChatLayerRoute
 
     @property
-    def chat_model_params(self) -> dict:
-        return {"model": "unused-until-first-call"}
+    def has_tool_calling(self) -> bool:
+        return True
 
     @property
-    def has_tool_calling(self) -> bool:
+    def has_tool_choice(self) -> bool:
         return True
 
     @property
@@ -62,9 +64,21 @@ class TestChatLayerRouteStandard(ChatModelUnitTests):
         return True
 
 
+class TestChatLayerRouteStandard(ChatLayerRouteCapabilities, ChatModelUnitTests):
+    @property
+    def chat_model_params(self) -> dict:
+        return {"model": "unused-until-first-call"}
+
+
 def test_construction_is_lazy():
     llm = ChatLayerRoute(model="/no/such/model/until/first/call")
     assert llm._runtime is None  # nothing loaded, no error
+
+
+def test_instances_with_the_same_model_share_one_loaded_copy(llm, tiny_chat_dir):
+    other = ChatLayerRoute(model=tiny_chat_dir, max_tokens=3, temperature=0.7)
+    assert other._load() is llm._load()
+    assert ChatLayerRoute(model=tiny_chat_dir, adapter="none")._load() is llm._load()  # no adapter given = fresh routers
 
 
 def test_invoke_carries_route_metadata_and_integer_usage(llm):
@@ -172,7 +186,8 @@ def test_concurrent_invokes_each_carry_their_own_route(tiny_chat_dir):
         router.pooling = "mean"
         torch.nn.init.normal_(router.proj.weight, std=200.0)
         torch.nn.init.zeros_(router.proj.bias)
-    prompts = [f"{i} " + ["zebra", "42 + 17", "Bonjour", "<tool>", "SELECT *", "def f():", "!!!", "weather"][i] * 5 for i in range(8)]
+    words = ["zebra", "42 + 17", "Bonjour", "<tool>", "SELECT *", "def f():", "!!!", "weather"]
+    prompts = [f"{i} " + words[i] * 5 for i in range(8)]
     expected = {p: llm.invoke(p).response_metadata["layerroute"]["skipped_layers"] for p in prompts}
     assert len({tuple(v) for v in expected.values()}) > 1
     results, barrier = {}, threading.Barrier(len(prompts))

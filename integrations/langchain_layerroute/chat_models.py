@@ -39,12 +39,33 @@ TOOL_CHOICE_KEYWORDS = ("auto", "none", "any", "required")
 
 
 class _Runtime:
-    """The loaded model and tokenizer, shared by every call of one ``ChatLayerRoute``."""
+    """A loaded model and its tokenizer, shared by every ``ChatLayerRoute`` with the same base, adapter and device."""
 
     def __init__(self, model: LayerRouteModel, tokenizer) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.seed_lock = threading.Lock()
+
+
+_RUNTIMES: dict[tuple, _Runtime] = {}
+_RUNTIMES_LOCK = threading.Lock()
+
+
+def _shared_runtime(model: str | None, adapter: str | None, device: str | None, trust_remote_code: bool) -> _Runtime:
+    """One loaded model per (base, adapter, device) in the process: chat models that differ only in generation
+    settings (temperature, max_tokens, bound tools...) share the weights instead of loading a copy each."""
+    key = (model, adapter, device, trust_remote_code)
+    with _RUNTIMES_LOCK:
+        if key not in _RUNTIMES:
+            base, tokenizer = load_base_model(model, device=device, trust_remote_code=trust_remote_code)
+            if adapter:
+                routed = LayerRouteModel.from_pretrained(adapter, base_model=base)
+            else:
+                routed = LayerRouteModel.from_base(base)
+            routed.eval()
+            routed.merge_lora()
+            _RUNTIMES[key] = _Runtime(routed, tokenizer)
+        return _RUNTIMES[key]
 
 
 class ChatLayerRoute(BaseChatModel):
@@ -54,7 +75,8 @@ class ChatLayerRoute(BaseChatModel):
     ``planning``), ``skipped_layers``, ``num_layers``, ``layers_skipped_frac``, ``flops_total``, ``flops_skipped``,
     ``flops_skipped_frac`` and ``latency_s``.
 
-    Construction is cheap: the model loads on the first call.
+    Construction is cheap: the model loads on the first call, once per process for each base model, adapter and
+    device (instances that differ only in generation settings share it).
 
     Example:
         ```python
@@ -87,7 +109,6 @@ class ChatLayerRoute(BaseChatModel):
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
 
     _runtime: _Runtime | None = PrivateAttr(default=None)
-    _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     # ------------------------------------------------------------------ identity
     @property
@@ -116,20 +137,12 @@ class ChatLayerRoute(BaseChatModel):
     # ------------------------------------------------------------------ loading
     def _load(self) -> _Runtime:
         if self._runtime is None:
-            with self._load_lock:
-                if self._runtime is None:
-                    base, tokenizer = load_base_model(self.model, device=self.device,
-                                                      trust_remote_code=self.trust_remote_code)
-                    adapter = self.adapter
-                    if adapter is None and self.model is None and default_adapter_dir().is_dir():
-                        adapter = str(default_adapter_dir())
-                    if adapter and adapter != "none":
-                        routed = LayerRouteModel.from_pretrained(adapter, base_model=base)
-                    else:
-                        routed = LayerRouteModel.from_base(base)
-                    routed.eval()
-                    routed.merge_lora()
-                    self._runtime = _Runtime(routed, tokenizer)
+            adapter = self.adapter
+            if adapter is None and self.model is None and default_adapter_dir().is_dir():
+                adapter = str(default_adapter_dir())
+            if adapter == "none":
+                adapter = None
+            self._runtime = _shared_runtime(self.model, adapter, self.device, self.trust_remote_code)
         return self._runtime
 
     def get_token_ids(self, text: str) -> list[int]:
