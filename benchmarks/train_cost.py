@@ -1,15 +1,22 @@
 """What does routing cost in training? LayerRoute against plain peft LoRA, same model, data and batch.
 
-Times forward + backward + optimizer step for both, interleaved in one process (median of --repeats), and reports
-tokens per second and peak resident memory growth. Target: LayerRoute at most 10% slower than plain LoRA.
+Times one optimiser step of each trainer, interleaved in one process over the same batches (median of --repeats):
 
-    python benchmarks/train_cost.py             # embedded SmolLM2-135M, embedded corpus, batch 4, CPU
+- plain LoRA: a peft LoRA model (rank 8 on q/k/v/o) with the usual HF loss (labels on the target tokens);
+- LayerRoute, gates only: routers and straight-through gates, no skip-cost probes (what routing itself costs);
+- LayerRoute: the full step of ``training/finetune.py``: gates, --skip-cost-blocks probes, router fitting.
+
+Peak memory is measured apart, each trainer alone in a fresh process (peak resident set size), since a process's
+peak cannot be split between trainers that share it. Target: LayerRoute at most 10% slower than plain LoRA.
+
+    python benchmarks/train_cost.py              # embedded SmolLM2-135M, embedded corpus, batch 4, CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
 import resource
 import statistics
 import sys
@@ -24,7 +31,72 @@ sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noqa: E402
 from layerroute.traces import read_traces  # noqa: E402
-from layerroute.training import SkipBudget, build_examples, collate  # noqa: E402
+from layerroute.training import SkipBudget, build_examples, collate, probed_blocks  # noqa: E402
+
+TRAINERS = ("plain LoRA", "LayerRoute, gates only", "LayerRoute")
+
+
+def make_trainers(base, args) -> dict:
+    """name -> function(batch, step) running one optimiser step. ``base`` is consumed (wrapped in place)."""
+    config = LayerRouteConfig()
+    trainers = {}
+
+    plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                                           target_modules=config.lora_target_modules)).train()
+    plain_optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-4)
+
+    def plain_step(batch, step):
+        out = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out.loss.backward()
+        plain_optimizer.step()
+        plain_optimizer.zero_grad()
+
+    trainers["plain LoRA"] = plain_step
+
+    for name, probes in (("LayerRoute, gates only", 0), ("LayerRoute", args.skip_cost_blocks)):
+        model = LayerRouteModel.from_base(copy.deepcopy(base), config).train()
+        budget = SkipBudget(config, model.num_layers)
+        budget.multiplier = 1.0
+        lora = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
+        routers = [p for n, p in model.named_parameters() if ".router." in n]
+        optimizers = [torch.optim.AdamW(lora, lr=1e-4), torch.optim.AdamW(routers, lr=1e-2)]
+
+        def routed_step(batch, step, model=model, budget=budget, optimizers=optimizers, probes=probes):
+            out = model(**batch, record_probes=bool(probes))
+            loss = out.loss
+            if probes:
+                budget.measure(model, batch, out, probed_blocks(model.num_layers, probes, 0, step))
+                loss = loss + budget.router_loss(model)
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad()
+            if probes:
+                for _ in range(args.router_fit_steps - 1):
+                    budget.router_loss(model).backward()
+                    optimizers[1].step()
+                    optimizers[1].zero_grad()
+
+        trainers[name] = routed_step
+    return trainers
+
+
+def load_batches(tokenizer, args) -> list[dict]:
+    traces = read_traces(ROOT / "training" / "data" / "corpus" / "validation.jsonl.gz").traces
+    examples = build_examples(traces, tokenizer, args.max_length, 160).examples
+    return [collate(examples[i : i + args.batch_size], tokenizer.pad_token_id)
+            for i in range(0, args.batch_size * (args.repeats + 1), args.batch_size)]
+
+
+def peak_memory(name: str, args, queue) -> None:
+    """Child process: one trainer alone, its peak RSS in GiB put on ``queue``."""
+    torch.manual_seed(0)
+    base, tokenizer = load_base_model(args.model)
+    batches = load_batches(tokenizer, args)
+    step = make_trainers(base, args)[name]
+    for index, batch in enumerate(batches[:3]):
+        step(batch, index)
+    queue.put((name, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
 
 
 def main() -> None:
@@ -33,55 +105,47 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--skip-cost-blocks", type=int, default=2)
+    parser.add_argument("--router-fit-steps", type=int, default=10)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-trainer peak-memory processes")
     args = parser.parse_args()
 
+    torch.manual_seed(0)
     base, tokenizer = load_base_model(args.model)
-    traces = read_traces(ROOT / "training" / "data" / "corpus" / "validation.jsonl.gz").traces
-    examples = build_examples(traces, tokenizer, args.max_length, 160).examples
-    batches = [collate(examples[i : i + args.batch_size], tokenizer.pad_token_id)
-               for i in range(0, args.batch_size * args.repeats, args.batch_size)]
-
-    config = LayerRouteConfig()
-    plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                                                           target_modules=config.lora_target_modules))
-    routed = LayerRouteModel.from_base(base, config).train()
-    plain.train()
-    budget = SkipBudget(config, multiplier=1.0)
-    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-                  for name, m in (("plain LoRA", plain), ("LayerRoute", routed))}
-
-    def plain_step(batch):
-        labels = batch["labels"]
-        out = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
-        out.loss.backward()
-        optimizers["plain LoRA"].step()
-        optimizers["plain LoRA"].zero_grad()
-
-    def routed_step(batch):
-        out = routed(**batch)
-        (out.loss + budget.penalty(out.keep_probs, out.keep)).backward()
-        optimizers["LayerRoute"].step()
-        optimizers["LayerRoute"].zero_grad()
-
-    steps = {"plain LoRA": plain_step, "LayerRoute": routed_step}
-    for step in steps.values():
-        step(batches[0])  # warm-up
-    times = {name: [] for name in steps}
-    for batch in batches:
-        for name, step in steps.items():
+    batches = load_batches(tokenizer, args)
+    trainers = make_trainers(base, args)
+    for step in trainers.values():
+        step(batches[0], 0)  # warm-up
+    times = {name: [] for name in trainers}
+    for index, batch in enumerate(batches[1:], start=1):
+        for name, step in trainers.items():
             began = time.perf_counter()
-            step(batch)
+            step(batch, index)
             times[name].append(time.perf_counter() - began)
-    tokens = statistics.median(int(b["attention_mask"].sum()) for b in batches)
-    print(f"model={routed.base_model_name_or_path} batch={args.batch_size} max_length={args.max_length} "
-          f"repeats={args.repeats} threads={torch.get_num_threads()} median tokens/batch={tokens}")
-    print("\n| trainer | median s/step | tokens/s | vs plain LoRA |\n|---|---|---|---|")
+
+    memory = {}
+    if not args.no_memory:
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        for name in TRAINERS:
+            child = context.Process(target=peak_memory, args=(name, args, queue))
+            child.start()
+            child.join()
+            found, gib = queue.get()
+            memory[found] = gib
+
+    tokens = statistics.median(int(b["attention_mask"].sum()) for b in batches[1:])
+    print(f"model={args.model or 'embedded:SmolLM2-135M-Instruct'} batch={args.batch_size} "
+          f"max_length={args.max_length} repeats={args.repeats} threads={torch.get_num_threads()} "
+          f"skip_cost_blocks={args.skip_cost_blocks} median tokens/batch={tokens}")
+    print("\n| trainer | median s/step | tokens/s | vs plain LoRA | peak RSS alone |\n|---|---|---|---|---|")
     reference = statistics.median(times["plain LoRA"])
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.2f} | {tokens / median:.0f} | {median / reference - 1:+.1%} |")
-    print(f"\npeak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
-          "(both trainers; plain LoRA computes logits for every position, LayerRoute only on targets)")
+    for name in TRAINERS:
+        median = statistics.median(times[name])
+        peak = f"{memory[name]:.2f} GiB" if name in memory else "-"
+        print(f"| {name} | {median:.2f} | {tokens / median:.0f} | {median / reference - 1:+.1%} | {peak} |")
+    print("\n(plain LoRA computes logits on every position, as HF's loss does; LayerRoute only where the loss needs "
+          "them)")
 
 
 if __name__ == "__main__":
