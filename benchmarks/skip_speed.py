@@ -16,12 +16,16 @@ import argparse
 import copy
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from layerroute import LayerRouteModel, load_base_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from layerroute import LayerRouteModel, load_base_model  # noqa: E402
 
 
 def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

@@ -36,11 +36,19 @@ from layerroute.training import SkipBudget, build_examples, collate, probed_bloc
 TRAINERS = ("plain LoRA", "LayerRoute, gates only", "LayerRoute")
 
 
-def make_trainers(base, args) -> dict:
-    """name -> function(batch, step) running one optimiser step. ``base`` is consumed (wrapped in place)."""
+def make_trainers(base, args, names=TRAINERS) -> dict:
+    """name -> function(batch, step) running one optimiser step, for the trainers in ``names``."""
     config = LayerRouteConfig()
     trainers = {}
+    if "plain LoRA" in names:
+        trainers["plain LoRA"] = plain_lora_step(base, config)
+    for name, probes in (("LayerRoute, gates only", 0), ("LayerRoute", args.skip_cost_blocks)):
+        if name in names:
+            trainers[name] = layerroute_step(base, config, probes, args.router_fit_steps)
+    return trainers
 
+
+def plain_lora_step(base, config):
     plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                                                            target_modules=config.lora_target_modules)).train()
     plain_optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-4)
@@ -51,34 +59,34 @@ def make_trainers(base, args) -> dict:
         plain_optimizer.step()
         plain_optimizer.zero_grad()
 
-    trainers["plain LoRA"] = plain_step
+    return plain_step
 
-    for name, probes in (("LayerRoute, gates only", 0), ("LayerRoute", args.skip_cost_blocks)):
-        model = LayerRouteModel.from_base(copy.deepcopy(base), config).train()
-        budget = SkipBudget(config, model.num_layers)
-        budget.multiplier = 1.0
-        lora = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
-        routers = [p for n, p in model.named_parameters() if ".router." in n]
-        optimizers = [torch.optim.AdamW(lora, lr=1e-4), torch.optim.AdamW(routers, lr=1e-2)]
 
-        def routed_step(batch, step, model=model, budget=budget, optimizers=optimizers, probes=probes):
-            out = model(**batch, record_probes=bool(probes))
-            loss = out.loss
-            if probes:
-                budget.measure(model, batch, out, probed_blocks(model.num_layers, probes, 0, step))
-                loss = loss + budget.router_loss(model)
-            loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
-                optimizer.zero_grad()
-            if probes:
-                for _ in range(args.router_fit_steps - 1):
-                    budget.router_loss(model).backward()
-                    optimizers[1].step()
-                    optimizers[1].zero_grad()
+def layerroute_step(base, config, probes: int, router_fit_steps: int):
+    model = LayerRouteModel.from_base(copy.deepcopy(base), config).train()
+    budget = SkipBudget(config, model.num_layers)
+    budget.multiplier = 1.0
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
+    routers = [p for n, p in model.named_parameters() if ".router." in n]
+    optimizers = [torch.optim.AdamW(lora, lr=1e-4), torch.optim.AdamW(routers, lr=1e-2)]
 
-        trainers[name] = routed_step
-    return trainers
+    def routed_step(batch, step):
+        out = model(**batch, record_probes=bool(probes))
+        loss = out.loss
+        if probes:
+            budget.measure(model, batch, out, probed_blocks(model.num_layers, probes, 0, step))
+            loss = loss + budget.router_loss(model)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        if probes:
+            for _ in range(router_fit_steps - 1):
+                budget.router_loss(model).backward()
+                optimizers[1].step()
+                optimizers[1].zero_grad()
+
+    return routed_step
 
 
 def load_batches(tokenizer, args) -> list[dict]:
@@ -88,15 +96,26 @@ def load_batches(tokenizer, args) -> list[dict]:
             for i in range(0, args.batch_size * (args.repeats + 1), args.batch_size)]
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident set size. Linux's VmHWM belongs to the process image, so a spawned child does
+    not inherit its parent's peak (``ru_maxrss`` survives fork and exec on Linux and would)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def peak_memory(name: str, args, queue) -> None:
     """Child process: one trainer alone, its peak RSS in GiB put on ``queue``."""
     torch.manual_seed(0)
     base, tokenizer = load_base_model(args.model)
     batches = load_batches(tokenizer, args)
-    step = make_trainers(base, args)[name]
+    step = make_trainers(base, args, names=(name,))[name]
     for index, batch in enumerate(batches[:3]):
         step(batch, index)
-    queue.put((name, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+    queue.put((name, peak_rss_gib()))
 
 
 def main() -> None:

