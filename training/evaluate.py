@@ -97,7 +97,6 @@ def main(argv=None) -> int:
         if name == "static_pruning":
             result["static_pruning"] = {kind: {k: v for k, v in values.items() if k != "block_skip_rate"}
                                         for kind, values in routing_report(baseline, every)["by_step_type"].items()}
-        del baseline
     for kind in by_type:
         by_type[kind].pop("block_skip_rate")
         by_type[kind]["perplexity"] = {name: values.get(kind) for name, values in perplexities.items()}
