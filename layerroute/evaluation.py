@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .flops import step_route_stats
 from .model import LayerRouteModel
@@ -39,7 +40,7 @@ def routing_report(model: LayerRouteModel, examples: list[TokenizedStep]) -> dic
     """Per step type: steps, mean fraction of blocks skipped, FLOP-skip fraction and per-block skip rate."""
     model.eval()
     per_type = defaultdict(list)
-    for example in examples:
+    for example in tqdm(examples, desc="routes", leave=False):
         per_type[example.step_type].append(step_routes(model, example))
     by_type = {}
     for kind in STEP_TYPES:
@@ -67,7 +68,7 @@ def perplexity_by_type(model: LayerRouteModel, examples: list[TokenizedStep], fo
     """Target-token perplexity per step type; routers decide from the context only (as in generation)."""
     model.eval()
     totals = defaultdict(lambda: [0.0, 0])
-    for example in examples:
+    for example in tqdm(examples, desc="perplexity", leave=False):
         ids = torch.tensor([example.context_ids + example.target_ids], device=model.device)
         context_mask = torch.zeros_like(ids, dtype=torch.bool)
         context_mask[:, : len(example.context_ids)] = True
@@ -86,7 +87,7 @@ def tool_call_exact_match(model: LayerRouteModel, tokenizer, examples: list[Toke
     """Greedy-generate each tool-call step; a match is the same function names and arguments as the reference."""
     model.eval()
     hits = 0
-    for example, reference in zip(examples, references):
+    for example, reference in tqdm(list(zip(examples, references)), desc="tool-call exact match", leave=False):
         ids = torch.tensor([example.context_ids], device=model.device)
         with nullcontext() if lora else model.lora_disabled():
             out = model.generate(ids, forced_skip=forced_skip, do_sample=False,
@@ -107,7 +108,7 @@ def wall_clock_by_type(model: LayerRouteModel, examples: list[TokenizedStep], re
     """
     model.eval()
     per_type = defaultdict(lambda: {"routed_s": 0.0, "full_s": 0.0, "flops_routed": 0, "flops_full": 0, "steps": 0})
-    for example in examples:
+    for example in tqdm(examples, desc="wall clock", leave=False):
         ids = torch.tensor([example.context_ids], device=model.device)
         length = len(example.target_ids)
         kwargs = dict(do_sample=False, max_new_tokens=length, min_new_tokens=length)

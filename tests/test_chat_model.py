@@ -78,7 +78,7 @@ def test_construction_is_lazy():
 def test_instances_with_the_same_model_share_one_loaded_copy(llm, tiny_chat_dir):
     other = ChatLayerRoute(model=tiny_chat_dir, max_tokens=3, temperature=0.7)
     assert other._load() is llm._load()
-    assert ChatLayerRoute(model=tiny_chat_dir, adapter="none")._load() is llm._load()  # no adapter given = fresh routers
+    assert ChatLayerRoute(model=tiny_chat_dir, adapter="none")._load() is llm._load()  # "none" = fresh routers
 
 
 def test_invoke_carries_route_metadata_and_integer_usage(llm):
@@ -238,6 +238,43 @@ def test_cost_callback_aggregates_a_multi_step_run(llm, tmp_path):
 
     traces = read_traces(path).traces
     assert len(traces) == 6 and traces[0].messages[-1]["role"] == "assistant"
+
+
+def test_one_langgraph_run_is_one_trace(llm, caplog):
+    """LangGraph runs each model call inside its own node run; the steps of one invoke still form one trace."""
+    from typing import TypedDict
+
+    from langgraph.graph import END, START, StateGraph
+
+    class State(TypedDict):
+        text: str
+
+    def node(state: State) -> State:
+        return {"text": llm.invoke(state["text"]).content[:20]}
+
+    graph = StateGraph(State)
+    for name in ("plan", "act", "answer"):
+        graph.add_node(name, node)
+    graph.add_edge(START, "plan")
+    graph.add_edge("plan", "act")
+    graph.add_edge("act", "answer")
+    graph.add_edge("answer", END)
+    app = graph.compile()
+
+    with layerroute_cost_tracking() as costs:
+        app.invoke({"text": "Weather in Oslo?"})
+        asyncio.run(app.ainvoke({"text": "Weather in Rome?"}))
+        app.invoke({"text": "Tagged"}, {"metadata": {"trace_id": "ticket-7"}})
+    traces = {}
+    for record in costs.records:
+        traces.setdefault(record.trace_id, []).append(record)
+    assert len(traces) == 3 and "ticket-7" in traces
+    for records in traces.values():
+        assert [r.step_index for r in records] == [0, 1, 2]
+        assert [r.node for r in records] == ["plan", "act", "answer"]
+        assert [r.graph_step for r in records] == [1, 2, 3]
+    assert costs.report().totals["traces"] == 3
+    assert "LayerRouteCostCallback" not in caplog.text  # no handler errors swallowed by LangChain
 
 
 def test_callback_handler_can_be_passed_explicitly(llm):
