@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noqa: E402
 from layerroute.traces import read_traces  # noqa: E402
-from layerroute.training import SkipBudget, build_examples, collate, probed_blocks  # noqa: E402
+from layerroute.training import SkipBudget, build_examples, collate, probe_dtype, probed_blocks  # noqa: E402
 
 TRAINERS = ("plain LoRA", "LayerRoute, gates only", "LayerRoute")
 
@@ -44,7 +44,7 @@ def make_trainers(base, args, names=TRAINERS) -> dict:
         trainers["plain LoRA"] = plain_lora_step(base, config)
     for name, probes in (("LayerRoute, gates only", 0), ("LayerRoute", args.skip_cost_blocks)):
         if name in names:
-            trainers[name] = layerroute_step(base, config, probes, args.router_fit_steps)
+            trainers[name] = layerroute_step(base, config, probes, args.router_fit_steps, args.probe_dtype)
     return trainers
 
 
@@ -62,9 +62,9 @@ def plain_lora_step(base, config):
     return plain_step
 
 
-def layerroute_step(base, config, probes: int, router_fit_steps: int):
+def layerroute_step(base, config, probes: int, router_fit_steps: int, dtype: torch.dtype | None):
     model = LayerRouteModel.from_base(copy.deepcopy(base), config).train()
-    budget = SkipBudget(config, model.num_layers)
+    budget = SkipBudget(config, model.num_layers, probe_dtype=dtype)
     budget.multiplier = 1.0
     lora = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
     routers = [p for n, p in model.named_parameters() if ".router." in n]
@@ -126,8 +126,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--skip-cost-blocks", type=int, default=2)
     parser.add_argument("--router-fit-steps", type=int, default=10)
+    parser.add_argument("--probe-precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="as in training/finetune.py")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-trainer peak-memory processes")
     args = parser.parse_args()
+    args.probe_dtype = probe_dtype(args.probe_precision, torch.device("cpu"))
 
     torch.manual_seed(0)
     base, tokenizer = load_base_model(args.model)
@@ -156,7 +159,7 @@ def main() -> None:
     tokens = statistics.median(int(b["attention_mask"].sum()) for b in batches[1:])
     print(f"model={args.model or 'embedded:SmolLM2-135M-Instruct'} batch={args.batch_size} "
           f"max_length={args.max_length} repeats={args.repeats} threads={torch.get_num_threads()} "
-          f"skip_cost_blocks={args.skip_cost_blocks} median tokens/batch={tokens}")
+          f"skip_cost_blocks={args.skip_cost_blocks} probe_dtype={args.probe_dtype} median tokens/batch={tokens}")
     print("\n| trainer | median s/step | tokens/s | vs plain LoRA | peak RSS alone |\n|---|---|---|---|---|")
     reference = statistics.median(times["plain LoRA"])
     for name in TRAINERS:

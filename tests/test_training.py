@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from layerroute import LayerRouteConfig, LayerRouteModel
 from layerroute.steps import TokenizedStep
-from layerroute.training import SkipBudget, batches, collate, fix_routes, probed_blocks
+from layerroute.training import SkipBudget, batches, collate, fix_routes, probe_dtype, probed_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -112,6 +112,25 @@ def test_routers_learn_from_remembered_skip_costs():
     for _ in range(2):
         budget.measure(model, batch, model(**batch, record_probes=True), [1])
     assert budget.memory[1]["features"].shape == (6, 64)  # the newest rows only
+
+
+def test_bf16_probes_measure_what_fp32_probes_measure():
+    torch.manual_seed(0)
+    model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
+    batch = collate(examples(count=4), pad_token_id=0)
+    out = model(**batch, record_probes=True)
+    measured = {}
+    for dtype in (None, torch.bfloat16):
+        budget = SkipBudget(model.config, model.num_layers, probe_dtype=dtype)
+        budget.measure(model, batch, out, [0, 2])
+        measured[dtype] = torch.stack([budget.memory[b]["loss_increase"] for b in (0, 2)])
+    reference = measured[None]
+    assert reference.abs().mean() > 0.05  # the blocks matter, so agreement is not 0 == 0
+    assert not torch.equal(measured[torch.bfloat16], reference)  # measured in bf16 indeed
+    assert torch.allclose(measured[torch.bfloat16], reference, atol=0.05 * float(reference.abs().max()))
+    assert probe_dtype("fp32", torch.device("cpu")) is None and probe_dtype("bf16", model.device) is torch.bfloat16
+    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+        probe_dtype("fp16", model.device)
 
 
 def test_step_types_never_reach_the_loss():

@@ -40,6 +40,7 @@ from layerroute.training import (  # noqa: E402
     build_examples,
     collate,
     fix_routes,
+    probe_dtype,
     probed_blocks,
 )
 
@@ -53,7 +54,7 @@ PRESETS = {
 }
 RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing", "static_prune",
                  "target_skip_rate", "regularizer_weight", "router_pooling", "router_init_bias",
-                 "skip_cost_blocks", "router_fit_steps")
+                 "skip_cost_blocks", "router_fit_steps", "probe_precision")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, default=argparse.SUPPRESS, help="LoRA learning rate")
-    parser.add_argument("--router-lr", type=float, default=argparse.SUPPRESS, help="router learning rate (SGD)")
+    parser.add_argument("--router-lr", type=float, default=argparse.SUPPRESS, help="router learning rate (AdamW)")
     parser.add_argument("--max-length", type=int, default=argparse.SUPPRESS, help="context token budget per step")
     parser.add_argument("--max-target-length", type=int, default=160)
     parser.add_argument("--target-skip-rate", type=float, default=LayerRouteConfig.target_skip_rate)
@@ -78,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-cost-blocks", type=int, default=2,
                         help="blocks per step whose skip cost is measured to teach their routers (each costs up to "
                              "one extra forward pass without gradients)")
+    parser.add_argument("--probe-precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="precision of the skip-cost measurements; auto: bf16 where the hardware is faster at it, "
+                             "fp32: the training forward's own precision")
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "default")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output")
     parser.add_argument("--seed", type=int, default=0)
@@ -178,7 +182,7 @@ def main(argv=None) -> int:
     schedulers = [torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
     ) for optimizer in optimizers]
-    budget = SkipBudget(config, model.num_layers)
+    budget = SkipBudget(config, model.num_layers, probe_dtype=probe_dtype(args.probe_precision, accelerator.device))
     start = 0
     if args.resume:
         state = torch.load(checkpoint / "training_state.pt", weights_only=True)
