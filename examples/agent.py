@@ -42,7 +42,7 @@ def evaluate(node: ast.AST) -> float:
 
 @tool
 def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression such as '5550000 / 385207'."""
+    """Evaluate an arithmetic expression such as '(12 + 30) / 7'."""
     try:
         return str(evaluate(ast.parse(expression, mode="eval").body))
     except (SyntaxError, ValueError, ZeroDivisionError) as error:
@@ -77,8 +77,10 @@ def main() -> None:
         route = message.response_metadata.get("layerroute") if hasattr(message, "response_metadata") else None
         summary = f"  [{route['step_type']}: skipped {len(route['skipped_layers'])}/{route['num_layers']} blocks, " \
                   f"{route['flops_skipped_frac']:.1%} of FLOPs]" if route else ""
-        calls = getattr(message, "tool_calls", None)
-        print(f"{message.type:>6}: {message.content or calls}{summary}")
+        calls = [f"{c['name']}({c['args']})" for c in getattr(message, "tool_calls", [])]
+        calls += [f"malformed call: {c['args']!r}" for c in getattr(message, "invalid_tool_calls", [])]
+        print(f"{message.type:>6}: {message.content or '; '.join(calls) or '(empty)'}{summary}")
+    print(f"\nanswer: {result['messages'][-1].content or '(the model ended without a text answer)'}")
     report = costs.report()
     print()
     print(report.to_markdown())
