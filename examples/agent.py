@@ -42,7 +42,7 @@ def evaluate(node: ast.AST) -> float:
 
 @tool
 def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression such as '(12 + 30) / 7'."""
+    """Evaluate an arithmetic expression of numbers with + - * / and **."""
     try:
         return str(evaluate(ast.parse(expression, mode="eval").body))
     except (SyntaxError, ValueError, ZeroDivisionError) as error:

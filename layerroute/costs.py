@@ -151,9 +151,13 @@ class CostReport:
         return {"by_step_type": self.by_step_type, "totals": self.totals, "price_model": self.price.describe(),
                 "projection": self.projection}
 
+    def _counts(self) -> str:
+        steps, traces = self.totals["steps"], self.totals["traces"]
+        return f"{steps} step{'s' * (steps != 1)} in {traces} trace{'s' * (traces != 1)}"
+
     def to_markdown(self) -> str:
         lines = ["# LayerRoute trace cost report", "",
-                 f"{self.totals['steps']} steps in {self.totals['traces']} traces; prices: {self.price.describe()}.",
+                 f"{self._counts()}; prices: {self.price.describe()}.",
                  "", "| step type | steps | tokens in / out | GFLOPs spent | GFLOPs full depth | saved | "
                  "blocks skipped | median latency |", "|---|---|---|---|---|---|---|---|"]
         for kind, row in [*self.by_step_type.items(), ("all", self.totals)]:
@@ -185,7 +189,7 @@ class CostReport:
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}th{{background:#f3f3f3}}</style></head>
 <body><h1>LayerRoute trace cost report</h1>
-<p>{self.totals['steps']} steps in {self.totals['traces']} traces. Prices: {html.escape(self.price.describe())}.</p>
+<p>{self._counts()}. Prices: {html.escape(self.price.describe())}.</p>
 <table><tr><th>step type</th><th>steps</th><th>tokens in / out</th><th>GFLOPs spent</th>
 <th>GFLOPs full depth</th><th>saved</th><th>blocks skipped</th><th>median latency</th></tr>{rows}</table>
 <h2>FLOPs per step type</h2>{self._svg_chart()}
