@@ -219,8 +219,11 @@ def probe_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         raise ValueError(f"probe precision must be auto, bf16 or fp32, not {precision!r}")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return torch.bfloat16
+    if device.type == "cpu":
+        # private probes of torch.cpu (present in the torch versions this package supports); absent means "no"
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        if any(getattr(torch.cpu, check, lambda: False)() for check in checks):
+            return torch.bfloat16
     return None
 
 
