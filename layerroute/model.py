@@ -270,7 +270,6 @@ class LayerRouteModel(nn.Module):
                                 block_inputs=block_inputs, router_features=router_features)
 
     @torch.no_grad()
-    @torch.no_grad()
     def skip_costs(
         self,
         input_ids: torch.Tensor,
