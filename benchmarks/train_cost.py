@@ -31,7 +31,14 @@ sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noqa: E402
 from layerroute.traces import read_traces  # noqa: E402
-from layerroute.training import SkipBudget, build_examples, collate, probe_dtype, probed_blocks  # noqa: E402
+from layerroute.training import (  # noqa: E402
+    PROBE_PRECISIONS,
+    SkipBudget,
+    build_examples,
+    collate,
+    probe_dtype,
+    probed_blocks,
+)
 
 TRAINERS = ("plain LoRA", "LayerRoute, gates only", "LayerRoute")
 
@@ -126,7 +133,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--skip-cost-blocks", type=int, default=2)
     parser.add_argument("--router-fit-steps", type=int, default=10)
-    parser.add_argument("--probe-precision", choices=("auto", "bf16", "fp32"), default="auto",
+    parser.add_argument("--probe-precision", choices=PROBE_PRECISIONS, default="auto",
                         help="as in training/finetune.py")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-trainer peak-memory processes")
     args = parser.parse_args()

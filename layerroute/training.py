@@ -207,6 +207,9 @@ class SkipBudget:
         self.memory = list(state["memory"])
 
 
+PROBE_PRECISIONS = ("auto", "bf16", "fp32")  # the choices of probe_dtype
+
+
 def probe_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The dtype skip costs are measured in, for ``precision`` ``"fp32"`` (``None``: the training forward's own
     precision), ``"bf16"``, or ``"auto"``: bfloat16 where the device computes it faster than float32 (CUDA GPUs

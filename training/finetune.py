@@ -34,6 +34,7 @@ from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noq
 from layerroute.evaluation import routing_report, write_training_report  # noqa: E402
 from layerroute.traces import BadRecordError, read_sources  # noqa: E402
 from layerroute.training import (  # noqa: E402
+    PROBE_PRECISIONS,
     SkipBudget,
     batches,
     block_influence,
@@ -79,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-cost-blocks", type=int, default=2,
                         help="blocks per step whose skip cost is measured to teach their routers (each costs up to "
                              "one extra forward pass without gradients)")
-    parser.add_argument("--probe-precision", choices=("auto", "bf16", "fp32"), default="auto",
+    parser.add_argument("--probe-precision", choices=PROBE_PRECISIONS, default="auto",
                         help="precision of the skip-cost measurements; auto: bf16 where the hardware is faster at it, "
                              "fp32: the training forward's own precision")
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "default")

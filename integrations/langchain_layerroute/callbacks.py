@@ -51,10 +51,10 @@ class LayerRouteCostCallback(BaseCallbackHandler):
 
     def _open(self, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None) -> str:
         """Record a run starting; returns its trace id. Call with the lock held."""
-        trace = (metadata or {}).get("trace_id") or self._trace_of_run.get(parent_run_id) or str(parent_run_id or
-                                                                                               run_id)
-        self._trace_of_run[run_id] = str(trace)
-        return str(trace)
+        trace = str((metadata or {}).get("trace_id") or self._trace_of_run.get(parent_run_id)
+                    or parent_run_id or run_id)
+        self._trace_of_run[run_id] = trace
+        return trace
 
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
                        parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None,
