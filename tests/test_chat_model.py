@@ -17,7 +17,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 from langchain_layerroute import ChatLayerRoute, LayerRouteCostCallback, layerroute_cost_tracking
 from langchain_layerroute.chat_models import _normalize_tool_choice
 from layerroute.costs import read_records
-from layerroute.toolcalls import parse_tool_calls
+from layerroute.toolcalls import TokenPieces, ToolNameConstraint, parse_tool_calls
 
 METADATA_KEYS = {"step_type", "skipped_layers", "num_layers", "layers_skipped_frac", "flops_total",
                  "flops_skipped", "flops_skipped_frac", "latency_s"}
@@ -120,6 +120,37 @@ def test_named_tool_choice_forces_a_call_of_that_tool(llm):
     calls = message.tool_calls + message.invalid_tool_calls
     assert calls and calls[0]["name"] == "get_weather"  # a random model may mangle the arguments, never the name
     assert message.response_metadata["layerroute"]["step_type"] == "tool_call"
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_tool_names_are_constrained_to_the_bound_tools(tiny_chat_dir, constrained):
+    # a random model writes garbage; inside a <tool_call> the constraint leaves it only the bound names to write
+    llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=40, constrain_tool_names=constrained)
+    message = llm.bind_tools([get_weather, add], tool_choice="any").invoke("Weather in Oslo?")
+    names = [call["name"] for call in message.tool_calls + message.invalid_tool_calls]
+    assert bool(names and names[0] in ("get_weather", "add")) == constrained
+
+
+def test_tool_name_constraint_allows_exactly_the_continuations_of_bound_names(smollm2):
+    _, tokenizer = smollm2
+    pieces = TokenPieces(tokenizer)
+    assert pieces.consistent
+
+    def allowed(generated: str, prefix: str = "") -> set[str]:
+        ids = tokenizer(generated, add_special_tokens=False, return_tensors="pt").input_ids
+        constraint = ToolNameConstraint(pieces, tokenizer, ["get_weather", "add"], prompt_length=0, prefix=prefix)
+        scores = constraint(ids, torch.zeros(1, len(tokenizer)))
+        return {pieces.pieces[i] for i in torch.nonzero(scores[0] == 0).flatten().tolist()}
+
+    # the only tokens of this vocabulary that begin `"get_weather"` or `"add"` after the key, spacing included
+    assert allowed('<tool_call>\n{"name":') == {" ", ' "', '"'}  # not ' <' (a placeholder) nor ' "search'
+    assert allowed('<tool_call>\n{"name": "get_we') == {"a", "at", "ath", "athe", "ather"}
+    assert allowed('<tool_call>\n{"name": "get_weather') >= {'"', '",'}  # the closing quote may bring more
+    assert allowed("{", prefix="<tool_call>\n") == allowed("<tool_call>\n{")  # a forced prefix counts
+    everything = set(pieces.by_piece)
+    assert allowed('<tool_call>\n{"name": "add", "arg') == everything  # the arguments are free
+    assert allowed("I think so") == everything  # outside a call
+    assert allowed('<tool_call>\n{"arguments": {') == everything  # a block that went another way is left alone
 
 
 def test_tool_choice_none_hides_tools(llm):

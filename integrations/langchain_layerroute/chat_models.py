@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -28,14 +29,15 @@ from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
-from transformers import TextIteratorStreamer
+from transformers import LogitsProcessorList, TextIteratorStreamer
 
 from layerroute import LayerRouteModel, load_base_model
 from layerroute.loading import default_adapter_dir
 from layerroute.steps import render_chat
-from layerroute.toolcalls import parse_tool_calls
+from layerroute.toolcalls import TokenPieces, ToolNameConstraint, parse_tool_calls
 
 TOOL_CHOICE_KEYWORDS = ("auto", "none", "any", "required")
+logger = logging.getLogger(__name__)
 
 
 class _Runtime:
@@ -45,6 +47,18 @@ class _Runtime:
         self.model = model
         self.tokenizer = tokenizer
         self.seed_lock = threading.Lock()
+        self._pieces: TokenPieces | None = None
+        self._pieces_lock = threading.Lock()
+
+    def token_pieces(self) -> TokenPieces | None:
+        """The tokenizer's token texts for tool-name constraints, built on first use; ``None`` (with a warning) for
+        a tokenizer whose tokens do not decode one by one."""
+        with self._pieces_lock:
+            if self._pieces is None:
+                self._pieces = TokenPieces(self.tokenizer)
+                if not self._pieces.consistent:
+                    logger.warning("this tokenizer's tokens do not decode one by one; tool names are not constrained")
+        return self._pieces if self._pieces.consistent else None
 
 
 _RUNTIMES: dict[tuple, _Runtime] = {}
@@ -105,6 +119,9 @@ class ChatLayerRoute(BaseChatModel):
     streaming: bool = False
     device: str | None = None
     trust_remote_code: bool = False
+    constrain_tool_names: bool = True
+    """Inside a ``<tool_call>``, allow only the names of the bound tools (see
+    :class:`layerroute.toolcalls.ToolNameConstraint`); arguments stay free."""
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
 
@@ -198,6 +215,11 @@ class ChatLayerRoute(BaseChatModel):
             generate_kwargs.update(stop_strings=stop, tokenizer=runtime.tokenizer)
         if self.timeout:
             generate_kwargs["max_time"] = self.timeout
+        pieces = runtime.token_pieces() if visible_tools and self.constrain_tool_names else None
+        if pieces is not None:
+            names = [tool["function"]["name"] for tool in visible_tools]
+            generate_kwargs["logits_processor"] = LogitsProcessorList([ToolNameConstraint(
+                pieces, runtime.tokenizer, names, inputs.input_ids.shape[1], forced_prefix)])
         device = runtime.model.device
         return {"runtime": runtime, "input_ids": inputs.input_ids.to(device),
                 "attention_mask": inputs.attention_mask.to(device), "generate_kwargs": generate_kwargs,
