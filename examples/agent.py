@@ -17,6 +17,7 @@ from pathlib import Path
 
 from langchain.agents import create_agent
 from langchain_core.tools import tool
+from langgraph.errors import GraphRecursionError
 
 from langchain_layerroute import ChatLayerRoute, layerroute_cost_tracking
 
@@ -56,31 +57,44 @@ def country_facts(country: str) -> str:
     return str(facts) if facts else f"unknown country {country!r}; known: {', '.join(COUNTRIES)}"
 
 
+def print_message(message) -> None:
+    route = message.response_metadata.get("layerroute") if message.type == "ai" else None
+    summary = f"  [{route['step_type']}: skipped {len(route['skipped_layers'])}/{route['num_layers']} blocks, " \
+              f"{route['flops_skipped_frac']:.1%} of FLOPs]" if route else ""
+    calls = [f"{c['name']}({c['args']})" for c in getattr(message, "tool_calls", [])]
+    calls += [f"malformed call: {c['args']!r}" for c in getattr(message, "invalid_tool_calls", [])]
+    print(f"{message.type:>6}: {message.content or '; '.join(calls) or '(empty)'}{summary}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--question", default="What is the population density of Norway? Look up its facts first, "
                                                "then use the calculator.")
     parser.add_argument("--adapter", default=None, help="LayerRoute adapter (default: the shipped one)")
+    parser.add_argument("--max-model-steps", type=int, default=6, help="stop the agent after this many model calls")
     parser.add_argument("--costs", type=Path, default=Path("agent_costs.jsonl"))
     parser.add_argument("--html", type=Path, default=None, help="also write the HTML cost report here")
     args = parser.parse_args()
 
-    llm = ChatLayerRoute(adapter=args.adapter, max_tokens=96)
+    llm = ChatLayerRoute(adapter=args.adapter, max_tokens=160)
     # the wording of the system prompts the embedded corpus was trained with
     agent = create_agent(llm, tools=[calculator, country_facts],
                          system_prompt="You are a helpful assistant that can use tools. Think step by step and call "
                                        "a tool when it helps.")
     args.costs.unlink(missing_ok=True)
+    messages = []
+    # each model call and each round of tool calls is one graph step
+    limit = {"recursion_limit": 2 * args.max_model_steps}
     with layerroute_cost_tracking(args.costs) as costs:
-        result = agent.invoke({"messages": [("user", args.question)]}, {"recursion_limit": 12})
-    for message in result["messages"]:
-        route = message.response_metadata.get("layerroute") if hasattr(message, "response_metadata") else None
-        summary = f"  [{route['step_type']}: skipped {len(route['skipped_layers'])}/{route['num_layers']} blocks, " \
-                  f"{route['flops_skipped_frac']:.1%} of FLOPs]" if route else ""
-        calls = [f"{c['name']}({c['args']})" for c in getattr(message, "tool_calls", [])]
-        calls += [f"malformed call: {c['args']!r}" for c in getattr(message, "invalid_tool_calls", [])]
-        print(f"{message.type:>6}: {message.content or '; '.join(calls) or '(empty)'}{summary}")
-    print(f"\nanswer: {result['messages'][-1].content or '(the model ended without a text answer)'}")
+        try:
+            for state in agent.stream({"messages": [("user", args.question)]}, limit, stream_mode="values"):
+                for message in state["messages"][len(messages):]:
+                    print_message(message)
+                messages = state["messages"]
+        except GraphRecursionError:
+            print(f"\nstopped: no final answer within {args.max_model_steps} model steps")
+    answer = messages[-1] if messages and messages[-1].type == "ai" and not messages[-1].tool_calls else None
+    print(f"\nanswer: {answer.content if answer and answer.content else '(the model gave no text answer)'}")
     report = costs.report()
     print()
     print(report.to_markdown())
