@@ -5,7 +5,8 @@
 
 The tools: a calculator (safe arithmetic) and a lookup in a small country table. The model is the embedded
 SmolLM2-135M-Instruct with the shipped LayerRoute adapter, so expect a 135M model's reasoning; what the example
-shows is the plumbing: every step's type, the blocks it skipped and what it cost.
+shows is the plumbing: every step's type, the blocks it skipped and what it cost. A step whose tool calls are all
+malformed does not end the run: the errors go back to the model, which tries again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import operator
 from pathlib import Path
 
 from langchain.agents import create_agent
+from langchain.agents.middleware import AgentState, after_model
 from langchain_core.tools import tool
 from langgraph.errors import GraphRecursionError
 
@@ -57,6 +59,19 @@ def country_facts(country: str) -> str:
     return str(facts) if facts else f"unknown country {country!r}; known: {', '.join(COUNTRIES)}"
 
 
+@after_model(can_jump_to=["model"])
+def retry_malformed_calls(state: AgentState, runtime) -> dict | None:
+    """When every call of a step is malformed, hand the errors back to the model instead of ending the run.
+
+    create_agent ends a run at a step without valid tool calls; on the next model call it answers each malformed
+    call with an error ToolMessage, which is what the model needs to correct itself.
+    """
+    last = state["messages"][-1]
+    if last.type == "ai" and last.invalid_tool_calls and not last.tool_calls:
+        return {"jump_to": "model"}
+    return None
+
+
 def print_message(message) -> None:
     route = message.response_metadata.get("layerroute") if message.type == "ai" else None
     summary = f"  [{route['step_type']}: skipped {len(route['skipped_layers'])}/{route['num_layers']} blocks, " \
@@ -68,8 +83,7 @@ def print_message(message) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--question", default="What is the population density of Norway? Look up its facts first, "
-                                               "then use the calculator.")
+    parser.add_argument("--question", default="How many people live in Japan?")
     parser.add_argument("--adapter", default=None, help="LayerRoute adapter (default: the shipped one)")
     parser.add_argument("--max-model-steps", type=int, default=6, help="stop the agent after this many model calls")
     parser.add_argument("--costs", type=Path, default=Path("agent_costs.jsonl"))
@@ -78,13 +92,13 @@ def main() -> None:
 
     llm = ChatLayerRoute(adapter=args.adapter, max_tokens=160)
     # the wording of the system prompts the embedded corpus was trained with
-    agent = create_agent(llm, tools=[calculator, country_facts],
+    agent = create_agent(llm, tools=[calculator, country_facts], middleware=[retry_malformed_calls],
                          system_prompt="You are a helpful assistant that can use tools. Think step by step and call "
                                        "a tool when it helps.")
     args.costs.unlink(missing_ok=True)
     messages = []
-    # each model call and each round of tool calls is one graph step
-    limit = {"recursion_limit": 2 * args.max_model_steps}
+    # a model call, its after-model hook and its round of tool calls are three graph steps
+    limit = {"recursion_limit": 3 * args.max_model_steps}
     with layerroute_cost_tracking(args.costs) as costs:
         try:
             for state in agent.stream({"messages": [("user", args.question)]}, limit, stream_mode="values"):
