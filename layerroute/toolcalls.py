@@ -152,6 +152,6 @@ class ToolNameConstraint(LogitsProcessor):
             allowed = {index for rest in rests for index in self.pieces.prefixes_of(rest)}
             allowed.update(index for rest in rests for index in self.pieces.starting_with(rest))
             mask = torch.full_like(scores[row], float("-inf"))
-            mask[list(allowed)] = 0.0
+            mask[[index for index in allowed if index < mask.shape[0]]] = 0.0  # a tokenizer may outgrow the head
             scores[row] = scores[row] + mask
         return scores
