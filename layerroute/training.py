@@ -117,8 +117,12 @@ class SkipBudget:
     measurement is kept, with what the block's router read, in a memory of the newest ``memory_size`` rows per
     block (:meth:`measure`). Every step, every router is fitted by binary cross-entropy to the decisions that lower
     the Lagrangian for all the rows it remembers (:meth:`router_loss`): keep when the row's loss increase exceeds
-    the price of the block's compute for that row, skip otherwise. Targets are recomputed at the current price, so
-    old measurements follow the budget. Step types are never consulted.
+    the price of the block's compute for that row, skip otherwise. Each row weighs as much as a wrong decision on it
+    would cost, its margin ``|loss increase - price|``: most rows sit within a few thousandths of a nat of the price,
+    where either decision is nearly as good, and counting them as much as the rows a wrong decision ruins lets noise
+    in those near-ties steer the routers (validation split, same seed: 12.5% / 1.6% of FLOPs skipped on tool calls /
+    planning unweighted, 15.6% / 2.3% weighted). Targets and weights are recomputed at the current price, so old
+    measurements follow the budget. Step types are never consulted.
 
     ``probe_dtype`` runs the measurements under autocast to that dtype (see :func:`probe_dtype`): a probe needs
     the sign of a loss difference against a price, not the training forward's precision. On the embedded model,
@@ -146,8 +150,9 @@ class SkipBudget:
         weights = torch.ones(keep.shape[0], device=keep.device) if tokens is None else tokens.float()
         return float(((~keep).float() * weights[:, None]).sum() / (weights.sum() * keep.shape[1]))
 
-    def keep_targets(self, loss_increase: torch.Tensor, price_weight: torch.Tensor) -> torch.Tensor:
-        """1.0 where keeping the block is worth its compute at the current price, 0.0 where skipping is.
+    def keep_margins(self, loss_increase: torch.Tensor, price_weight: torch.Tensor) -> torch.Tensor:
+        """How much more keeping the block is worth than its compute at the current price: positive where the block
+        should run, negative where it should be skipped; the magnitude is what the wrong decision would cost.
 
         Args:
             loss_increase: how much skipping the block raises the task loss (the batch's mean target-token loss),
@@ -155,7 +160,7 @@ class SkipBudget:
             price_weight: the row's share of the batch's block FLOPs for one block, ``tokens / (batch tokens *
                 num_layers)``; times the multiplier, the change in the regulariser when the row skips the block.
         """
-        return (loss_increase > self.multiplier * price_weight).float()
+        return loss_increase - self.multiplier * price_weight
 
     def measure(self, model, batch: dict[str, torch.Tensor], output, blocks: list[int], gather=None) -> None:
         """Measure what skipping each of ``blocks`` costs every row of ``batch`` and remember it.
@@ -178,13 +183,15 @@ class SkipBudget:
             self._remember(block, features[:, column], loss_increase[:, column], price_weight)
 
     def router_loss(self, model) -> torch.Tensor:
-        """Sum over routers of each router's binary cross-entropy against the targets of the rows it remembers."""
+        """Sum over routers of each router's binary cross-entropy against the keep targets of the rows it remembers,
+        each row weighted by its margin (normalised to a mean weight of one per router)."""
         losses = []
         for router, memory in zip(model.routers, self.memory):
             if memory is not None:
                 logits = router.proj(memory["features"].to(router.proj.weight.device)).squeeze(-1)
-                targets = self.keep_targets(memory["loss_increase"], memory["price_weight"]).to(logits.device)
-                losses.append(F.binary_cross_entropy_with_logits(logits, targets))
+                margins = self.keep_margins(memory["loss_increase"], memory["price_weight"]).to(logits.device)
+                weights = margins.abs() / margins.abs().mean().clamp(min=torch.finfo(margins.dtype).tiny)
+                losses.append(F.binary_cross_entropy_with_logits(logits, (margins > 0).float(), weight=weights))
         # routers are independent: each gets its own full gradient
         return torch.stack(losses).sum() if losses else torch.zeros((), device=model.device)
 

@@ -94,9 +94,30 @@ def test_router_targets_keep_what_costs_more_than_its_compute():
     loss_increase = torch.tensor([0.01, 0.6, 0.01, 0.6])
     price_weight = torch.tensor([0.0625, 0.0625, 0.1875, 0.1875])  # 100 and 300 tokens of a 400-token batch, 4 blocks
     # price: 0.5 for the short row, 1.5 for the long one
-    assert budget.keep_targets(loss_increase, price_weight).tolist() == [0.0, 1.0, 0.0, 0.0]
+    margins = budget.keep_margins(loss_increase, price_weight)
+    torch.testing.assert_close(margins, torch.tensor([-0.49, 0.1, -1.49, -0.9]))
     budget.multiplier = -1.0  # over budget: keeping everything is rewarded
-    assert budget.keep_targets(loss_increase, price_weight).all()
+    assert (budget.keep_margins(loss_increase, price_weight) > 0).all()
+
+
+def test_router_fit_weighs_rows_by_what_a_wrong_decision_costs():
+    """Four near-ties say skip, one row that skipping ruins says keep: a fit that counts rows equally skips, the
+    margin-weighted fit keeps."""
+    model = LayerRouteModel.from_base(tiny_qwen2())
+    budget = SkipBudget(model.config, model.num_layers)
+    budget.multiplier = 1.0
+    hidden = model.routers[0].proj.in_features
+    budget.memory[0] = {"features": torch.zeros(5, hidden), "price_weight": torch.full((5,), 0.1),
+                        "loss_increase": torch.tensor([0.099, 0.099, 0.099, 0.099, 0.6])}
+    router = model.routers[0].proj
+    with torch.no_grad():
+        router.bias.zero_()
+    optimizer = torch.optim.SGD(router.parameters(), lr=1.0)
+    for _ in range(200):
+        budget.router_loss(model).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert router.bias.item() > 0  # keep: the one costly row outweighs four near-free ones
 
 
 def test_routers_learn_from_remembered_skip_costs():
