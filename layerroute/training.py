@@ -120,8 +120,7 @@ class SkipBudget:
     the price of the block's compute for that row, skip otherwise. Each row weighs as much as a wrong decision on it
     would cost, its margin ``|loss increase - price|``: most rows sit within a few thousandths of a nat of the price,
     where either decision is nearly as good, and counting them as much as the rows a wrong decision ruins lets noise
-    in those near-ties steer the routers (validation split, same seed: 12.5% / 1.6% of FLOPs skipped on tool calls /
-    planning unweighted, 15.6% / 2.3% weighted). Targets and weights are recomputed at the current price, so old
+    in those near-ties steer the routers. Targets and weights are recomputed at the current price, so old
     measurements follow the budget. Step types are never consulted.
 
     ``probe_dtype`` runs the measurements under autocast to that dtype (see :func:`probe_dtype`): a probe needs
