@@ -189,7 +189,8 @@ class SkipBudget:
             if memory is not None:
                 logits = router.proj(memory["features"].to(router.proj.weight.device)).squeeze(-1)
                 margins = self.keep_margins(memory["loss_increase"], memory["price_weight"]).to(logits.device)
-                weights = margins.abs() / margins.abs().mean().clamp(min=torch.finfo(margins.dtype).tiny)
+                wrong_decision_costs = margins.abs()
+                weights = wrong_decision_costs / wrong_decision_costs.mean().clamp(min=torch.finfo(margins.dtype).tiny)
                 losses.append(F.binary_cross_entropy_with_logits(logits, (margins > 0).float(), weight=weights))
         # routers are independent: each gets its own full gradient
         return torch.stack(losses).sum() if losses else torch.zeros((), device=model.device)
