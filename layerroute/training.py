@@ -238,22 +238,9 @@ def probe_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def probed_blocks(num_layers: int, count: int, seed: int, step: int) -> list[int]:
-    """The blocks whose skip cost is measured at ``step``: ``count`` of them, dealt from a shuffled deck of all the
-    blocks, reshuffled (reproducibly, for resuming) once every block has been dealt.
-
-    Dealing rather than drawing measures every block equally often: a short run probes each block only a few times,
-    and independent draws left some blocks unmeasured for a whole run and others measured twice as often as the
-    mean. Where a round ends mid-step and the next deck starts with a block already dealt that step, the step
-    measures one block fewer.
-    """
-    count = min(count, num_layers)
-    dealt = set()
-    for position in range(step * count, (step + 1) * count):
-        round_, index = divmod(position, num_layers)
-        deck = list(range(num_layers))
-        random.Random(seed * 1_000_003 + round_).shuffle(deck)
-        dealt.add(deck[index])
-    return sorted(dealt)
+    """The blocks whose skip cost is measured at ``step``: ``count`` of them, drawn afresh (and reproducibly, for
+    resuming) every step."""
+    return sorted(random.Random(seed * 1_000_003 + step).sample(range(num_layers), min(count, num_layers)))
 
 
 @torch.no_grad()
