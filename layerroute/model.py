@@ -69,6 +69,8 @@ class LayerRouteOutput:
             was asked to record probes (:meth:`LayerRouteModel.skip_costs` resumes from them).
         router_features: ``(batch, num_layers, hidden)``, what every router read, detached, when the forward was asked
             to record probes and the routers decided (not with ``forced_skip``).
+        final_hidden: ``(batch, seq_len, hidden)``, the last block's normalised output, detached, when the forward was
+            given ``labels`` and asked to record probes (:meth:`LayerRouteModel.skip_costs` compares against it).
     """
 
     logits: torch.Tensor | None
@@ -78,6 +80,7 @@ class LayerRouteOutput:
     keep: torch.Tensor
     block_inputs: list[torch.Tensor] | None = None
     router_features: torch.Tensor | None = None
+    final_hidden: torch.Tensor | None = None
 
 
 class LayerRouteModel(nn.Module):
@@ -261,13 +264,14 @@ class LayerRouteModel(nn.Module):
             ROUTING_STATE.reset(token)
         keep_probs = torch.stack([state.keep_probs[i] for i in range(self.num_layers)], dim=1)
         keep = torch.stack([state.keep[i] for i in range(self.num_layers)], dim=1)
-        block_inputs = router_features = None
+        block_inputs = router_features = final_hidden = None
         if state.probes is not None:
+            final_hidden = None if labels is None else hidden.detach()
             block_inputs = [state.probes["input", i] for i in range(self.num_layers)]
             if ("features", 0) in state.probes:
                 router_features = torch.stack([state.probes["features", i] for i in range(self.num_layers)], dim=1)
         return LayerRouteOutput(logits=logits, loss=loss, token_nll=token_nll, keep_probs=keep_probs, keep=keep,
-                                block_inputs=block_inputs, router_features=router_features)
+                                block_inputs=block_inputs, router_features=router_features, final_hidden=final_hidden)
 
     @torch.no_grad()
     def skip_costs(
@@ -281,7 +285,12 @@ class LayerRouteModel(nn.Module):
         """What skipping each of ``blocks`` costs each row, measured rather than estimated from a gradient.
 
         For every listed block, the rows are run again with that block's decision flipped and every other block as
-        ``output`` decided, resuming at the block from its recorded input (the blocks before it are not rerun).
+        ``output`` decided, resuming at the block from its recorded input (the blocks before it are not rerun). The
+        cost of skipping is the KL divergence, summed over the row's target positions, of the next-token distribution
+        without the block from the one with it: the increase of the row's loss expected under the model's own
+        predictions. The difference in the loss of the one reference token estimates the same thing with far more
+        noise (on the embedded model, decisions taken on it at a 10% FLOP budget skip tool calls and planning steps
+        alike, 10.5% against 8.7% of blocks, where the KL gives 16.9% against 0%).
 
         Args:
             input_ids, attention_mask, labels: the batch ``output`` came from (``(batch, seq_len)`` each).
@@ -289,11 +298,13 @@ class LayerRouteModel(nn.Module):
             blocks: block indices.
 
         Returns:
-            ``(batch, len(blocks))``: each row's summed target-token loss with the block skipped minus with it run.
+            ``(batch, len(blocks))``: each row's summed target-token KL divergence, block skipped from block run.
         """
-        if output.block_inputs is None or output.token_nll is None:
+        if output.block_inputs is None or output.final_hidden is None:
             raise ValueError("skip_costs needs a forward with labels and record_probes=True")
-        current = output.token_nll.detach().sum(dim=1)
+        predicting = labels[:, 1:] != -100
+        row_of = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(predicting)[predicting]
+        current = self._target_log_probs(output.final_hidden, predicting)
         costs = []
         for block in blocks:
             flipped_keep = output.keep.clone()
@@ -307,9 +318,18 @@ class LayerRouteModel(nn.Module):
                 ).last_hidden_state
             finally:
                 ROUTING_STATE.reset(token)
-            flipped = self._supervised_loss(hidden, labels)[1].sum(dim=1)
-            costs.append(torch.where(output.keep[:, block], flipped - current, current - flipped))
+            flipped = self._target_log_probs(hidden, predicting)
+            runs = output.keep[row_of, block][:, None].to(current.device)
+            with_block, without_block = torch.where(runs, current, flipped), torch.where(runs, flipped, current)
+            divergence = (with_block.exp() * (with_block - without_block)).sum(dim=-1)
+            costs.append(torch.zeros(labels.shape[0], device=divergence.device).index_add_(0, row_of, divergence))
         return torch.stack(costs, dim=1)
+
+    def _target_log_probs(self, hidden: torch.Tensor, predicting: torch.Tensor) -> torch.Tensor:
+        """``(positions, vocab)`` next-token log-probabilities at the ``predicting`` ``(batch, seq_len - 1)`` positions
+        of ``hidden`` ``(batch, seq_len, hidden)``."""
+        logits = self.base_model.get_output_embeddings()(hidden[:, :-1][predicting])
+        return F.log_softmax(logits.float(), dim=-1)
 
     def _supervised_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         targets = labels[:, 1:]

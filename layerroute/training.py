@@ -113,20 +113,22 @@ class SkipBudget:
     Routers learn from measured costs, not from the gate's gradient alone. The straight-through gradient of a
     whole block's on/off switch is a linearisation, and on a real model it is a poor one: it often promises that
     removing a block lowers the loss when removing it raises the loss a lot. So for a few sampled blocks per step
-    the rows are run again with the block's decision flipped (:meth:`LayerRouteModel.skip_costs`), and the
-    measurement is kept, with what the block's router read, in a memory of the newest ``memory_size`` rows per
-    block (:meth:`measure`). Every step, every router is fitted by binary cross-entropy to the decisions that lower
-    the Lagrangian for all the rows it remembers (:meth:`router_loss`): keep when the row's loss increase exceeds
-    the price of the block's compute for that row, skip otherwise. Each row weighs as much as a wrong decision on it
-    would cost, its margin ``|loss increase - price|``: most rows sit within a few thousandths of a nat of the price,
-    where either decision is nearly as good, and counting them as much as the rows a wrong decision ruins lets noise
-    in those near-ties steer the routers. Targets and weights are recomputed at the current price, so old
-    measurements follow the budget. Step types are never consulted.
+    the rows are run again with the block's decision flipped, and what skipping the block costs each row (the
+    increase of its loss expected under the model's own predictions, :meth:`LayerRouteModel.skip_costs`) is kept,
+    with what the block's router read, in a memory of the newest ``memory_size`` rows per block (:meth:`measure`).
+    Every step, every router is fitted by binary cross-entropy to the decisions that lower the Lagrangian for all
+    the rows it remembers (:meth:`router_loss`): keep when the row's loss increase exceeds the price of the block's
+    compute for that row, skip otherwise. Each row weighs as much as a wrong decision on it would cost, its margin
+    ``|loss increase - price|``: many rows sit within a few thousandths of a nat of the price, where either decision
+    is nearly as good, and counting them as much as the rows a wrong decision ruins lets noise in those near-ties
+    steer the routers. Targets and weights are recomputed at the current price, so old measurements follow the
+    budget. Step types are never consulted.
 
     ``probe_dtype`` runs the measurements under autocast to that dtype (see :func:`probe_dtype`): a probe needs
     the sign of a loss difference against a price, not the training forward's precision. On the embedded model,
-    bfloat16 probes against float32 ones: correlation 0.99996, mean absolute difference 0.0012 nats per target token
-    (the price sits near 0.03), bias 0.0002; and they took 57% of the time on a CPU with bfloat16 units.
+    bfloat16 probes against float32 ones (measured when the cost was the reference token's loss difference):
+    correlation 0.99996, mean absolute difference 0.0012 nats per target token (the price sits near 0.03), bias
+    0.0002; and they took 57% of the time on a CPU with bfloat16 units.
     """
 
     def __init__(self, config: LayerRouteConfig, num_layers: int, memory_size: int = 256,
@@ -154,8 +156,9 @@ class SkipBudget:
         should run, negative where it should be skipped; the magnitude is what the wrong decision would cost.
 
         Args:
-            loss_increase: how much skipping the block raises the task loss (the batch's mean target-token loss),
-                per row: the row's summed loss increase over the batch's number of target tokens.
+            loss_increase: how much skipping the block is expected to raise the task loss (the batch's mean
+                target-token loss), per row: the row's summed expected increase over the batch's number of target
+                tokens.
             price_weight: the row's share of the batch's block FLOPs for one block, ``tokens / (batch tokens *
                 num_layers)``; times the multiplier, the change in the regulariser when the row skips the block.
         """

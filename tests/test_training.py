@@ -76,16 +76,21 @@ def test_skip_costs_equal_rerunning_the_batch_with_the_block_removed():
     torch.manual_seed(0)
     model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
     batch = collate(examples(count=3), pad_token_id=0)
+    predicting = batch["labels"][:, 1:] != -100
 
-    def row_loss(skip):
-        return model(**batch, forced_skip=skip).token_nll.sum(dim=1).detach()
+    def target_log_probs(skip):
+        logits = model(batch["input_ids"], batch["attention_mask"], forced_skip=skip).logits.detach()
+        return [torch.log_softmax(logits[row, :-1][predicting[row]], dim=-1) for row in range(3)]
+
+    def row_kl(with_block, without_block):  # summed over the row's target positions
+        p, q = target_log_probs(with_block), target_log_probs(without_block)
+        return torch.stack([(a.exp() * (a - b)).sum() for a, b in zip(p, q)])
 
     out = model(**batch, forced_skip={1}, record_probes=True)  # block 1 off for every row
     costs = model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], out, [0, 1, 3])
-    expected = torch.stack([row_loss({0, 1}) - row_loss({1}), row_loss({1}) - row_loss(()),
-                            row_loss({1, 3}) - row_loss({1})], dim=1)
+    expected = torch.stack([row_kl({1}, {0, 1}), row_kl((), {1}), row_kl({1}, {1, 3})], dim=1)
     torch.testing.assert_close(costs, expected, atol=1e-5, rtol=1e-4)
-    assert costs.abs().min() > 0  # a real difference for every row and block, not a no-op
+    assert costs.min() > 0  # a real divergence for every row and block, not a no-op
 
 
 def test_router_targets_keep_what_costs_more_than_its_compute():
