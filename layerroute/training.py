@@ -124,6 +124,9 @@ class SkipBudget:
     steer the routers. Targets and weights are recomputed at the current price, so old measurements follow the
     budget. Step types are never consulted.
 
+    ``skip_cost`` is the ``measure`` of :meth:`LayerRouteModel.skip_costs`: ``"kl"``, or ``"loss"`` on the reference
+    tokens (the shipped adapter's recipe).
+
     ``probe_dtype`` runs the measurements under autocast to that dtype (see :func:`probe_dtype`): a probe needs
     the sign of a loss difference against a price, not the training forward's precision. On the embedded model,
     bfloat16 probes against float32 ones (measured when the cost was the reference token's loss difference):
@@ -132,9 +135,10 @@ class SkipBudget:
     """
 
     def __init__(self, config: LayerRouteConfig, num_layers: int, memory_size: int = 256,
-                 probe_dtype: torch.dtype | None = None) -> None:
+                 probe_dtype: torch.dtype | None = None, skip_cost: str = "kl") -> None:
         self.target = config.target_skip_rate
         self.probe_dtype = probe_dtype
+        self.skip_cost = skip_cost
         self.step_size = config.regularizer_weight
         self.multiplier = 0.0
         self.memory_size = memory_size
@@ -173,7 +177,8 @@ class SkipBudget:
         precision = (torch.autocast(model.device.type, dtype=self.probe_dtype) if self.probe_dtype is not None
                      else nullcontext())
         with precision:
-            costs = model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], output, blocks)
+            costs = model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], output, blocks,
+                                     measure=self.skip_cost)
         tokens = batch["attention_mask"].sum(dim=1).float()
         supervised = (batch["labels"][:, 1:] != -100).sum().float()
         price_weight = tokens / (tokens.sum() * model.num_layers)

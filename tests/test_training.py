@@ -93,6 +93,25 @@ def test_skip_costs_equal_rerunning_the_batch_with_the_block_removed():
     assert costs.min() > 0  # a real divergence for every row and block, not a no-op
 
 
+def test_loss_skip_costs_equal_the_loss_increase_of_rerunning_without_the_block():
+    torch.manual_seed(0)
+    model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
+    batch = collate(examples(count=3), pad_token_id=0)
+
+    def row_loss(skip):
+        return model(**batch, forced_skip=skip).token_nll.sum(dim=1).detach()
+
+    out = model(**batch, forced_skip={1}, record_probes=True)
+    costs = model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], out, [0, 1, 3],
+                             measure="loss")
+    expected = torch.stack([row_loss({0, 1}) - row_loss({1}), row_loss({1}) - row_loss(()),
+                            row_loss({1, 3}) - row_loss({1})], dim=1)
+    torch.testing.assert_close(costs, expected, atol=1e-5, rtol=1e-4)
+    assert costs.abs().min() > 0
+    with pytest.raises(ValueError, match="one of"):
+        model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], out, [0], measure="nll")
+
+
 def test_router_targets_keep_what_costs_more_than_its_compute():
     budget = SkipBudget(LayerRouteConfig(), num_layers=4)
     budget.multiplier = 8.0

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noqa: E402
 from layerroute.evaluation import routing_report, write_training_report  # noqa: E402
+from layerroute.model import SKIP_COST_MEASURES  # noqa: E402
 from layerroute.traces import BadRecordError, read_sources  # noqa: E402
 from layerroute.training import (  # noqa: E402
     PROBE_PRECISIONS,
@@ -55,7 +56,7 @@ PRESETS = {
 }
 RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing", "static_prune",
                  "target_skip_rate", "regularizer_weight", "router_pooling", "router_init_bias",
-                 "skip_cost_blocks", "router_fit_steps", "probe_precision")
+                 "skip_cost_blocks", "skip_cost", "router_fit_steps", "probe_precision")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,6 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-cost-blocks", type=int, default=2,
                         help="blocks per step whose skip cost is measured to teach their routers (each costs up to "
                              "one extra forward pass without gradients)")
+    parser.add_argument("--skip-cost", choices=SKIP_COST_MEASURES, default="kl",
+                        help="what a measured skip costs a row: kl, the KL divergence of its next-token distributions "
+                             "without the block from with it (expected loss increase); loss, the increase of its loss "
+                             "on the reference tokens (noisier; the shipped adapter's recipe)")
     parser.add_argument("--probe-precision", choices=PROBE_PRECISIONS, default="auto",
                         help="precision of the skip-cost measurements; auto: bf16 where the hardware is faster at it, "
                              "fp32: the training forward's own precision")
@@ -183,7 +188,8 @@ def main(argv=None) -> int:
     schedulers = [torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
     ) for optimizer in optimizers]
-    budget = SkipBudget(config, model.num_layers, probe_dtype=probe_dtype(args.probe_precision, accelerator.device))
+    budget = SkipBudget(config, model.num_layers, probe_dtype=probe_dtype(args.probe_precision, accelerator.device),
+                        skip_cost=args.skip_cost)
     start = 0
     if args.resume:
         state = torch.load(checkpoint / "training_state.pt", weights_only=True)
