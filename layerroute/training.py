@@ -114,7 +114,7 @@ class SkipBudget:
     whole block's on/off switch is a linearisation, and on a real model it is a poor one: it often promises that
     removing a block lowers the loss when removing it raises the loss a lot. So for a few sampled blocks per step
     the rows are run again with the block's decision flipped, and what skipping the block costs each row (the
-    increase of its loss expected under the model's own predictions, :meth:`LayerRouteModel.skip_costs`) is kept,
+    increase of its loss on the reference tokens, :meth:`LayerRouteModel.skip_costs`) is kept,
     with what the block's router read, in a memory of the newest ``memory_size`` rows per block (:meth:`measure`).
     Every step, every router is fitted by binary cross-entropy to the decisions that lower the Lagrangian for all
     the rows it remembers (:meth:`router_loss`): keep when the row's loss increase exceeds the price of the block's
@@ -124,8 +124,8 @@ class SkipBudget:
     steer the routers. Targets and weights are recomputed at the current price, so old measurements follow the
     budget. Step types are never consulted.
 
-    ``skip_cost`` is the ``measure`` of :meth:`LayerRouteModel.skip_costs`: ``"kl"``, or ``"loss"`` on the reference
-    tokens (the shipped adapter's recipe).
+    ``skip_cost`` is the ``measure`` of :meth:`LayerRouteModel.skip_costs`: ``"loss"`` on the reference tokens, or
+    ``"kl"``, the loss increase expected under the model's own predictions.
 
     ``probe_dtype`` runs the measurements under autocast to that dtype (see :func:`probe_dtype`): a probe needs
     the sign of a loss difference against a price, not the training forward's precision. On the embedded model,
@@ -135,7 +135,7 @@ class SkipBudget:
     """
 
     def __init__(self, config: LayerRouteConfig, num_layers: int, memory_size: int = 256,
-                 probe_dtype: torch.dtype | None = None, skip_cost: str = "kl") -> None:
+                 probe_dtype: torch.dtype | None = None, skip_cost: str = "loss") -> None:
         self.target = config.target_skip_rate
         self.probe_dtype = probe_dtype
         self.skip_cost = skip_cost

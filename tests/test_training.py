@@ -72,7 +72,7 @@ def test_routers_receive_gradients_through_the_estimator():
     assert all(not torch.equal(b, r.proj.weight) for b, r in zip(before, model.routers))
 
 
-def test_skip_costs_equal_rerunning_the_batch_with_the_block_removed():
+def test_kl_skip_costs_equal_rerunning_the_batch_with_the_block_removed():
     torch.manual_seed(0)
     model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
     batch = collate(examples(count=3), pad_token_id=0)
@@ -87,7 +87,8 @@ def test_skip_costs_equal_rerunning_the_batch_with_the_block_removed():
         return torch.stack([(a.exp() * (a - b)).sum() for a, b in zip(p, q)])
 
     out = model(**batch, forced_skip={1}, record_probes=True)  # block 1 off for every row
-    costs = model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], out, [0, 1, 3])
+    costs = model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], out, [0, 1, 3],
+                             measure="kl")
     expected = torch.stack([row_kl({1}, {0, 1}), row_kl((), {1}), row_kl({1}, {1, 3})], dim=1)
     torch.testing.assert_close(costs, expected, atol=1e-5, rtol=1e-4)
     assert costs.min() > 0  # a real divergence for every row and block, not a no-op
