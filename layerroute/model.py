@@ -309,9 +309,9 @@ class LayerRouteModel(nn.Module):
             raise ValueError(f"skip cost measure must be one of {SKIP_COST_MEASURES}, not {measure!r}")
         if output.block_inputs is None or output.final_hidden is None:
             raise ValueError("skip_costs needs a forward with labels and record_probes=True")
-        predicting = labels[:, 1:] != -100
-        row_of = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(predicting)[predicting]
         if measure == "kl":
+            predicting = labels[:, 1:] != -100
+            row_of = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(predicting)[predicting]
             current = self._target_log_probs(output.final_hidden, predicting)
         else:
             current = output.token_nll.detach().sum(dim=1)
@@ -342,15 +342,18 @@ class LayerRouteModel(nn.Module):
     def _target_log_probs(self, hidden: torch.Tensor, predicting: torch.Tensor) -> torch.Tensor:
         """``(positions, vocab)`` next-token log-probabilities at the ``predicting`` ``(batch, seq_len - 1)`` positions
         of ``hidden`` ``(batch, seq_len, hidden)``."""
-        logits = self.base_model.get_output_embeddings()(hidden[:, :-1][predicting])
-        return F.log_softmax(logits.float(), dim=-1)
+        return F.log_softmax(self._target_logits(hidden, predicting).float(), dim=-1)
+
+    def _target_logits(self, hidden: torch.Tensor, predicting: torch.Tensor) -> torch.Tensor:
+        """The LM head on the ``predicting`` positions only: ``(positions, vocab)``."""
+        return self.base_model.get_output_embeddings()(hidden[:, :-1][predicting])
 
     def _supervised_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         targets = labels[:, 1:]
         predicting = targets != -100
         if not bool(predicting.any()):
             raise ValueError("labels supervise no position (every label is -100)")
-        logits = self.base_model.get_output_embeddings()(hidden[:, :-1][predicting])
+        logits = self._target_logits(hidden, predicting)
         nll = F.cross_entropy(logits.float(), targets[predicting], reduction="none")
         token_nll = torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device)
         token_nll[:, 1:][predicting] = nll
