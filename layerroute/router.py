@@ -20,7 +20,8 @@ class RoutingState:
     Attributes:
         context_mask: ``(batch, seq_len)`` bool, the positions routers pool over in the first forward of the state
             (the step's context; never its target tokens). ``None`` pools over every position.
-        straight_through: training mode: every block runs and its output is mixed in with the straight-through gate.
+        straight_through: training mode: every block whose router learns runs, and its output is mixed in with the
+            straight-through gate.
         forced_skip: when not ``None``, the routers are bypassed: every block runs except these.
         keep: block index -> ``(batch,)`` bool decisions, taken at the first forward and held for the rest of the state.
         rows_keeping: block index -> ``"all"``, ``"none"`` or ``"some"``: ``keep`` summarised once, so later forwards
@@ -97,9 +98,10 @@ class RoutedBlock(nn.Module):
     """A decoder block behind its router.
 
     Outside a routing state (the wrapped HF model called directly) the block always runs. Inside one:
-    training mixes ``h + g * (block(h) - h)`` with a hard 0/1 gate ``g`` that carries the sigmoid's gradient
-    (straight-through estimator); inference does not execute the block at all when every row of the batch skips
-    it, and keeps ``h`` for the rows that skip it when rows disagree.
+    training with a router that learns mixes ``h + g * (block(h) - h)`` with a hard 0/1 gate ``g`` that carries the
+    sigmoid's gradient (straight-through estimator); otherwise (inference, or training with a frozen router) the
+    block is not executed at all when every row of the batch skips it, and ``h`` is kept for the rows that skip it
+    when rows disagree.
     """
 
     def __init__(self, block: nn.Module, router: Router, layer_idx: int, threshold: float):
@@ -121,15 +123,17 @@ class RoutedBlock(nn.Module):
             state.probes["input", self.layer_idx] = hidden_states.detach()
         keep = state.keep.get(self.layer_idx)
         gate = None
+        # a router that does not learn needs no straight-through gradient, so its block is skipped for real
+        straight_through = state.straight_through and self.router.proj.weight.requires_grad
         if keep is None:
             keep_prob = self._keep_probability(hidden_states, state)
             keep = keep_prob > self.threshold
             state.keep[self.layer_idx] = keep
             state.rows_keeping[self.layer_idx] = _rows_keeping(keep)
             state.keep_probs[self.layer_idx] = keep_prob
-            if state.straight_through:
+            if straight_through:
                 gate = keep.to(keep_prob.dtype) + keep_prob - keep_prob.detach()
-        if state.straight_through:
+        if straight_through:
             if gate is None:
                 gate = keep.to(hidden_states.dtype)
             output = self.block(hidden_states, *args, **kwargs)

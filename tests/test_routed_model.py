@@ -13,6 +13,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
 from layerroute import LayerRouteConfig, LayerRouteModel
+from layerroute.training import fix_routes
 
 
 def delete_blocks(model: nn.Module, skip: list[int]) -> nn.Module:
@@ -186,6 +187,21 @@ def test_training_mode_uses_hard_gates_with_straight_through_gradients():
     lora = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert all(p.grad is not None for p in lora)
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_frozen_routers_skip_blocks_for_real_in_training():
+    model = LayerRouteModel.from_base(tiny_qwen2()).train()
+    fix_routes(model, [1])
+    for router in model.routers:
+        router.requires_grad_(False)
+    calls = []
+    model.blocks[1].block.register_forward_hook(lambda *_: calls.append(1))
+    input_ids = torch.randint(2, 128, (2, 10))
+    output = model(input_ids, labels=input_ids.clone())
+    assert calls == [] and not output.keep[:, 1].any()
+    output.loss.backward()  # LoRA still learns around the skipped block
+    lora = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert all((p.grad is None) == (".layers.1." in n) for n, p in lora.items())
 
 
 def test_routers_read_context_tokens_only():

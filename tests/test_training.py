@@ -19,7 +19,15 @@ from safetensors.torch import load_file
 
 from layerroute import LayerRouteConfig, LayerRouteModel
 from layerroute.steps import TokenizedStep
-from layerroute.training import SkipBudget, batches, collate, fix_routes, probe_dtype, probed_blocks
+from layerroute.training import (
+    RouterAnchor,
+    SkipBudget,
+    batches,
+    collate,
+    fix_routes,
+    probe_dtype,
+    probed_blocks,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -193,6 +201,29 @@ def test_step_types_never_reach_the_loss():
     assert losses[0] == losses[1]
 
 
+def test_anchor_cancels_a_shift_common_to_every_step():
+    model = LayerRouteModel.from_base(tiny_qwen2())
+    for router in model.routers:
+        torch.nn.init.normal_(router.proj.weight)
+    hidden = model.shape.block.hidden_size
+    features = torch.randn(16, model.num_layers, hidden)
+    shift = torch.randn(model.num_layers, hidden)
+
+    def logits(rows):
+        with torch.no_grad():
+            return torch.stack([r.proj(rows[:, i]).squeeze(-1) for i, r in enumerate(model.routers)], dim=1)
+
+    before = logits(features)
+    anchor = RouterAnchor(model.num_layers, hidden, decay=0.0)
+    anchor.observe(features)
+    anchor.follow(model, features + shift)  # LoRA moved every step's features alike
+    torch.testing.assert_close(logits(features + shift), before, atol=1e-4, rtol=0)
+    restored = RouterAnchor(model.num_layers, hidden, decay=0.0)
+    restored.load_state_dict(anchor.state_dict())
+    restored.follow(model, features)
+    torch.testing.assert_close(logits(features), before, atol=1e-4, rtol=0)
+
+
 def test_collate_masks_context_and_target():
     batch = collate([TokenizedStep([5, 6, 7], [8, 9], "tool_call", "a"), TokenizedStep([5], [8], "planning", "b")], 0)
     assert batch["context_mask"].tolist() == [[True, True, True, False, False], [True, False, False, False, False]]
@@ -254,14 +285,15 @@ def test_finetune_writes_adapter_metrics_and_report(tiny_chat_dir, tmp_path):
     assert again.returncode != 0 and "already holds a run" in again.stderr
 
 
-def test_interrupted_run_resumes_to_the_same_adapter(tiny_chat_dir, tmp_path):
-    straight = run_finetune(common_args(tiny_chat_dir, tmp_path / "straight", 6))
+@pytest.mark.parametrize("recipe", [[], ["--router-warmup", "2"]], ids=["joint", "router-warmup"])
+def test_interrupted_run_resumes_to_the_same_adapter(tiny_chat_dir, tmp_path, recipe):
+    straight = run_finetune([*common_args(tiny_chat_dir, tmp_path / "straight", 6), *recipe])
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     interrupted_dir = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, str(ROOT / "training" / "finetune.py"),
-                                *common_args(tiny_chat_dir, interrupted_dir, 6)], env=env,
+                                *common_args(tiny_chat_dir, interrupted_dir, 6), *recipe], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (interrupted_dir / "checkpoint").exists() and time.time() < deadline:
@@ -274,15 +306,33 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_chat_dir, tmp_path):
     assert "--resume" in stderr or "--resume" in _
     assert (interrupted_dir / "checkpoint" / "training_state.pt").exists()
 
-    changed = run_finetune([*common_args(tiny_chat_dir, interrupted_dir, 6), "--resume", "--lr", "0.5"])
+    changed = run_finetune([*common_args(tiny_chat_dir, interrupted_dir, 6), *recipe, "--resume", "--lr", "0.5"])
     assert changed.returncode != 0 and "holds a different run" in changed.stderr
-    resumed = run_finetune([*common_args(tiny_chat_dir, interrupted_dir, 6), "--resume"])
+    resumed = run_finetune([*common_args(tiny_chat_dir, interrupted_dir, 6), *recipe, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     actual = load_file(interrupted_dir / "adapter_model.safetensors")
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_router_warmup_fits_routers_on_the_frozen_base_then_lora_under_frozen_router_weights(tiny_chat_dir, tmp_path):
+    warm = run_finetune([*common_args(tiny_chat_dir, tmp_path / "warm", 0), "--router-warmup", "3"])
+    assert warm.returncode == 0, warm.stderr[-2000:]
+    full = run_finetune([*common_args(tiny_chat_dir, tmp_path / "full", 2), "--router-warmup", "3"])
+    assert full.returncode == 0, full.stderr[-2000:]
+    warm, full = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("warm", "full"))
+    lora_b = [name for name in warm if "lora_B" in name]  # LoRA's B starts at zero
+    assert all(not warm[name].any() for name in lora_b)  # the warm-up leaves LoRA alone
+    assert any(full[name].any() for name in lora_b)
+    weights = [name for name in warm if name.endswith("router.proj.weight")]  # routers' weights start at zero
+    assert any(warm[name].any() for name in weights)  # the routers learnt in the warm-up
+    assert all(torch.equal(warm[name], full[name]) for name in weights)  # and kept those weights with LoRA
+    metrics = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    clash = run_finetune([*common_args(tiny_chat_dir, tmp_path / "clash", 1), "--router-warmup", "1", "--no-routing"])
+    assert clash.returncode != 0 and "--router-warmup" in clash.stderr
 
 
 def test_bad_data_is_reported(tiny_chat_dir, tmp_path):
@@ -298,17 +348,19 @@ def test_bad_data_is_reported(tiny_chat_dir, tmp_path):
     assert result.returncode != 0 and "no_steps.jsonl:1" in result.stderr and "no assistant message" in result.stderr
 
 
-def test_two_cpu_processes_under_accelerate_launch(tiny_chat_dir, tmp_path):
+@pytest.mark.parametrize(("recipe", "total_steps"), [([], 2), (["--router-warmup", "1"], 3)],
+                         ids=["joint", "router-warmup"])
+def test_two_cpu_processes_under_accelerate_launch(tiny_chat_dir, tmp_path, recipe, total_steps):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-         str(ROOT / "training" / "finetune.py"), *common_args(tiny_chat_dir, tmp_path / "ddp", 2)],
+         str(ROOT / "training" / "finetune.py"), *common_args(tiny_chat_dir, tmp_path / "ddp", 2), *recipe],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2]
+    assert [m["step"] for m in metrics] == list(range(1, total_steps + 1))
     assert (tmp_path / "ddp" / "adapter_model.safetensors").exists()
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,7 @@ from layerroute.model import SKIP_COST_MEASURES  # noqa: E402
 from layerroute.traces import BadRecordError, read_sources  # noqa: E402
 from layerroute.training import (  # noqa: E402
     PROBE_PRECISIONS,
+    RouterAnchor,
     SkipBudget,
     batches,
     block_influence,
@@ -56,7 +57,7 @@ PRESETS = {
 }
 RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing", "static_prune",
                  "target_skip_rate", "regularizer_weight", "router_pooling", "router_init_bias",
-                 "skip_cost_blocks", "skip_cost", "router_fit_steps", "probe_precision")
+                 "skip_cost_blocks", "skip_cost", "router_fit_steps", "probe_precision", "router_warmup")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,6 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "tokens; kl, the KL divergence of its next-token distributions without the block from "
                              "with it (the expected loss increase: it tells step types apart far better before "
                              "training, but 70-step runs on it have not come out better)")
+    parser.add_argument("--router-warmup", type=int, default=0, metavar="N",
+                        help="first train the routers alone for N steps on the frozen base (skip costs measured, LoRA "
+                             "untouched), then freeze their weights while LoRA trains for --steps steps, each router's "
+                             "bias re-centred for how LoRA shifts what it reads; 0: routers and LoRA train together")
     parser.add_argument("--probe-precision", choices=PROBE_PRECISIONS, default="auto",
                         help="precision of the skip-cost measurements; auto: bf16 where the hardware is faster at it, "
                              "fp32: the training forward's own precision")
@@ -103,16 +108,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if not hasattr(args, key):
             setattr(args, key, value)
+    if args.router_warmup and (args.no_routing or args.static_prune):
+        parser.error("--router-warmup trains routers; it does not combine with --no-routing or --static-prune")
     return args
 
 
-def save_checkpoint(directory: Path, model, optimizers, schedulers, budget, step: int, args) -> None:
-    """Adapter + optimizers + schedulers + budget + step, written to a staging directory and swapped in atomically."""
+def save_checkpoint(directory: Path, model, optimizers, schedulers, budget, anchor, step: int, args) -> None:
+    """Adapter + optimizers + schedulers + budget + anchor + step, written to a staging directory and swapped in
+    atomically."""
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     torch.save({"optimizers": [o.state_dict() for o in optimizers], "schedulers": [s.state_dict() for s in schedulers],
-                "budget": budget.state_dict(), "step": step},
+                "budget": budget.state_dict(), "anchor": anchor.state_dict(), "step": step},
                staging / "training_state.pt")
     (staging / "run.json").write_text(json.dumps(run_identity(args), indent=2))
     old = directory.with_name(directory.name + ".old")
@@ -120,6 +128,15 @@ def save_checkpoint(directory: Path, model, optimizers, schedulers, budget, step
         os.replace(directory, old)
     os.replace(staging, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def warmup_cosine(optimizer, steps: int):
+    """Learning rate rising linearly over the first 5% of ``steps``, then a cosine decay to zero at ``steps``."""
+    steps = max(steps, 1)
+    warmup = max(steps // 20, 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    )
 
 
 def run_identity(args) -> dict:
@@ -134,7 +151,10 @@ def skip_rate_by_type(keep: torch.Tensor, step_types: list[str]) -> dict[str, fl
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    # after a router warm-up the routers' weights are frozen mid-run, so DDP must not wait for their gradients
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=bool(args.router_warmup))])
     torch.manual_seed(args.seed)
     output, checkpoint = args.output, args.output / "checkpoint"
     if checkpoint.exists() and not args.resume:
@@ -185,10 +205,10 @@ def main(argv=None) -> int:
     optimizers = [torch.optim.AdamW(lora, lr=args.lr, weight_decay=0.0)]
     if routers:
         optimizers.append(torch.optim.AdamW(routers, lr=args.router_lr, weight_decay=0.0))
-    warmup = max(args.steps // 20, 1)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
-    ) for optimizer in optimizers]
+    schedulers = [warmup_cosine(optimizers[0], args.steps)]
+    if routers and not args.router_warmup:  # in a warm-up the routers follow the moving price at a steady rate
+        schedulers.append(warmup_cosine(optimizers[1], args.steps))
+    anchor = RouterAnchor(model.num_layers, model.shape.block.hidden_size)
     budget = SkipBudget(config, model.num_layers, probe_dtype=probe_dtype(args.probe_precision, accelerator.device),
                         skip_cost=args.skip_cost)
     start = 0
@@ -199,6 +219,7 @@ def main(argv=None) -> int:
         for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(saved)
         budget.load_state_dict(state["budget"])
+        anchor.load_state_dict(state["anchor"])
         start = state["step"]
         accelerator.print(f"resuming {output} at step {start}")
     model, *optimizers = accelerator.prepare(model, *optimizers)
@@ -220,34 +241,48 @@ def main(argv=None) -> int:
     shard = accelerator.process_index
     lengths = [len(e.context_ids) + len(e.target_ids) for e in train.examples]
     order = batches(len(train.examples), args.batch_size * accelerator.num_processes, args.seed, start, lengths)
-    progress = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not accelerator.is_main_process)
+    total_steps = args.router_warmup + args.steps
+    progress = tqdm(range(start, total_steps), initial=start, total=total_steps,
+                    disable=not accelerator.is_main_process)
     for step in progress:
         indices = next(order)[shard :: accelerator.num_processes]
         batch = {k: v.to(accelerator.device) for k, v in collate([train.examples[i] for i in indices],
                                                                  tokenizer.pad_token_id).items()}
         began = time.perf_counter()
-        with accelerator.autocast():
-            out = model(**batch, forced_skip=() if args.no_routing else None, record_probes=learn_routes)
+        warming_up = step < args.router_warmup
+        if learn_routes and args.router_warmup and not warming_up:
+            learn_routes = False  # from here on the routers keep their weights; the anchor moves their biases
+            for router in unwrapped.routers:
+                router.requires_grad_(False)
+        with accelerator.autocast(), torch.set_grad_enabled(not warming_up):
+            out = model(**batch, forced_skip=() if args.no_routing else None,
+                        record_probes=learn_routes or bool(args.router_warmup))
             router_loss = torch.zeros((), device=out.loss.device)
             if learn_routes:
                 probed = probed_blocks(unwrapped.num_layers, args.skip_cost_blocks, args.seed, step)
                 budget.measure(unwrapped, batch, out, probed, gather=accelerator.gather)
                 router_loss = budget.router_loss(unwrapped)
             loss = out.loss + router_loss
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(lora, 1.0)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        if warming_up:
+            anchor.observe(accelerator.gather(out.router_features.contiguous()))
+        else:
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(lora, 1.0)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            schedulers[0].step()
         if learn_routes:
-            # more passes over the remembered measurements: they are stored features, so this costs milliseconds,
+            # (more) passes over the remembered measurements: they are stored features, so this costs milliseconds,
             # and every process holds the same memory, so the routers stay identical across processes
-            for _ in range(args.router_fit_steps - 1):
+            for _ in range(args.router_fit_steps - (0 if warming_up else 1)):
                 budget.router_loss(unwrapped).backward()
                 optimizers[1].step()
                 optimizers[1].zero_grad(set_to_none=True)
-        for scheduler in schedulers:
-            scheduler.step()
+            for scheduler in schedulers[1:]:
+                scheduler.step()
+        elif args.router_warmup and not args.no_routing:
+            anchor.follow(unwrapped, accelerator.gather(out.router_features.contiguous()))
         skip_rate = 1.0 - accelerator.gather(out.keep.float().mean().reshape(1)).mean().item()
         tokens = batch["attention_mask"].sum(dim=1)
         flops_skip = accelerator.gather(torch.tensor([budget.skipped_share(out.keep, tokens)], device=loss.device))
@@ -264,8 +299,8 @@ def main(argv=None) -> int:
                 handle.write(json.dumps(record) + "\n")
         progress.set_postfix(loss=f"{record['lm_loss']:.3f}", skip=f"{skip_rate:.1%}")
         done = step + 1
-        if accelerator.is_main_process and (done % args.checkpoint_every == 0 or done == args.steps or interrupted):
-            save_checkpoint(checkpoint, unwrapped, optimizers, schedulers, budget, done, args)
+        if accelerator.is_main_process and (done % args.checkpoint_every == 0 or done == total_steps or interrupted):
+            save_checkpoint(checkpoint, unwrapped, optimizers, schedulers, budget, anchor, done, args)
         if interrupted:
             accelerator.print(f"\ninterrupted at step {done}; resume with: python training/finetune.py "
                               f"--output {output} --resume")
