@@ -5,10 +5,13 @@
     python training/finetune.py --preset seed                    # published setting (GPU): Qwen2.5-0.5B, 3,000 steps
     accelerate launch training/finetune.py ...                   # several GPUs / nodes (DDP)
     python training/finetune.py --output runs/x --resume         # continue an interrupted run
+    python training/finetune.py --router-warmup 40 --skip-cost kl --skip-cost-blocks 4   # routers first, then LoRA
 
 Loss: next-token loss on each step's target tokens (the LM head runs only there), plus the gate regulariser: a
 FLOP budget whose price is a Lagrange multiplier, and which teaches the routers from measured skip costs (see
 ``layerroute.training.SkipBudget``). Step types never reach the loss; they are used only for the held-out report.
+With ``--router-warmup N`` the routers first learn alone for N steps on the frozen base, then keep their weights while
+LoRA trains, their biases re-centred on how LoRA shifts what they read (``layerroute.training.RouterAnchor``).
 """
 
 from __future__ import annotations
