@@ -284,7 +284,7 @@ def main(argv=None) -> int:
                 optimizers[1].zero_grad(set_to_none=True)
             for scheduler in schedulers[1:]:
                 scheduler.step()
-        elif args.router_warmup and not args.no_routing:
+        elif args.router_warmup:
             anchor.follow(unwrapped, accelerator.gather(out.router_features.contiguous()))
         skip_rate = 1.0 - accelerator.gather(out.keep.float().mean().reshape(1)).mean().item()
         tokens = batch["attention_mask"].sum(dim=1)
