@@ -211,6 +211,22 @@ class SkipBudget:
             new = {key: torch.cat([old[key], value])[-self.memory_size :] for key, value in new.items()}
         self.memory[block] = new
 
+    def probe_weights(self) -> torch.Tensor:
+        """How much a new measurement of each block is worth, ``(num_layers,)``: ``p * (1 - p)``, where ``p = (s + 1) /
+        (n + 2)`` estimates the share of the block's rows worth skipping at the current price from the ``s`` of its
+        ``n`` remembered rows that are. Where no row (or every row) is worth skipping, the router's bias alone decides
+        and more rows teach it little; where rows split, the router must learn to tell them apart from a handful of
+        examples. Unmeasured blocks weigh most."""
+        weights = []
+        for memory in self.memory:
+            skip_worthy, rows = 0, 0
+            if memory is not None:
+                margins = self.keep_margins(memory["loss_increase"], memory["price_weight"])
+                skip_worthy, rows = int((margins < 0).sum()), len(margins)
+            share = (skip_worthy + 1) / (rows + 2)
+            weights.append(share * (1 - share))
+        return torch.tensor(weights)
+
     def update(self, skipped_share: float) -> None:
         self.multiplier += self.step_size * (self.target - skipped_share)
 
@@ -295,10 +311,17 @@ def probe_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def probed_blocks(num_layers: int, count: int, seed: int, step: int) -> list[int]:
+def probed_blocks(num_layers: int, count: int, seed: int, step: int, weights: torch.Tensor | None = None) -> list[int]:
     """The blocks whose skip cost is measured at ``step``: ``count`` of them, drawn afresh (and reproducibly, for
-    resuming) every step."""
-    return sorted(random.Random(seed * 1_000_003 + step).sample(range(num_layers), min(count, num_layers)))
+    resuming) every step, uniformly or, given ``weights`` ``(num_layers,)`` (e.g. :meth:`SkipBudget.probe_weights`),
+    without replacement in proportion to them."""
+    draw = random.Random(seed * 1_000_003 + step)
+    count = min(count, num_layers)
+    if weights is None:
+        return sorted(draw.sample(range(num_layers), count))
+    # Efraimidis-Spirakis: the `count` largest keys u ** (1 / weight) are a weighted draw without replacement
+    keys = [draw.random() ** (1.0 / weight) for weight in weights.tolist()]
+    return sorted(sorted(range(num_layers), key=keys.__getitem__)[-count:])
 
 
 @torch.no_grad()

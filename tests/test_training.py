@@ -239,6 +239,24 @@ def test_budget_multiplier_tracks_the_gap_both_ways():
     assert budget.multiplier == pytest.approx(-1.0)  # over budget: keeping blocks is rewarded
 
 
+def test_uncertain_probe_selection_measures_blocks_whose_rows_split_most_often():
+    budget = SkipBudget(LayerRouteConfig(), num_layers=3)
+    budget.multiplier = 1.0
+    price_weight = torch.full((20,), 0.1)  # price 0.1 per row
+    budget.memory[0] = {"features": torch.zeros(20, 4), "price_weight": price_weight,
+                        "loss_increase": torch.full((20,), 5.0)}  # never worth skipping
+    budget.memory[1] = {"features": torch.zeros(20, 4), "price_weight": price_weight,
+                        "loss_increase": torch.tensor([0.01, 5.0] * 10)}  # half the rows worth skipping
+    weights = budget.probe_weights()
+    assert weights[1] > 4 * weights[0]
+    assert weights[2] == weights.max()  # never measured
+    draws = [probed_blocks(3, 1, seed=0, step=step, weights=weights)[0] for step in range(600)]
+    assert draws.count(1) > 3 * draws.count(0)
+    assert probed_blocks(3, 2, seed=5, step=9, weights=weights) == probed_blocks(3, 2, seed=5, step=9, weights=weights)
+    budget.multiplier = 100.0  # now every row of block 0 is worth skipping: nothing left to learn there either
+    assert budget.probe_weights()[0] == pytest.approx(weights[0])
+
+
 def test_batches_resume_mid_epoch():
     full = [b for _, b in zip(range(7), batches(10, 3, seed=4))]
     resumed = [b for _, b in zip(range(4), batches(10, 3, seed=4, start_step=3))]

@@ -60,7 +60,8 @@ PRESETS = {
 }
 RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing", "static_prune",
                  "target_skip_rate", "regularizer_weight", "router_pooling", "router_init_bias",
-                 "skip_cost_blocks", "skip_cost", "router_fit_steps", "probe_precision", "router_warmup")
+                 "skip_cost_blocks", "skip_cost", "router_fit_steps", "probe_precision", "router_warmup",
+                 "probe_selection")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-cost-blocks", type=int, default=2,
                         help="blocks per step whose skip cost is measured to teach their routers (each costs up to "
                              "one extra forward pass without gradients)")
+    parser.add_argument("--probe-selection", choices=("uniform", "uncertain"), default="uniform",
+                        help="which blocks' skip costs are measured each step: drawn uniformly, or in proportion to "
+                             "how split their remembered rows are between keep and skip at the current price")
     parser.add_argument("--skip-cost", choices=SKIP_COST_MEASURES, default="loss",
                         help="what a measured skip costs a row: loss, the increase of its loss on the reference "
                              "tokens; kl, the KL divergence of its next-token distributions without the block from "
@@ -262,7 +266,8 @@ def main(argv=None) -> int:
                         record_probes=learn_routes or bool(args.router_warmup))
             router_loss = torch.zeros((), device=out.loss.device)
             if learn_routes:
-                probed = probed_blocks(unwrapped.num_layers, args.skip_cost_blocks, args.seed, step)
+                probed = probed_blocks(unwrapped.num_layers, args.skip_cost_blocks, args.seed, step,
+                                       budget.probe_weights() if args.probe_selection == "uncertain" else None)
                 budget.measure(unwrapped, batch, out, probed, gather=accelerator.gather)
                 router_loss = budget.router_loss(unwrapped)
             loss = out.loss + router_loss
