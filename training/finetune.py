@@ -5,13 +5,14 @@
     python training/finetune.py --preset seed                    # published setting (GPU): Qwen2.5-0.5B, 3,000 steps
     accelerate launch training/finetune.py ...                   # several GPUs / nodes (DDP)
     python training/finetune.py --output runs/x --resume         # continue an interrupted run
-    python training/finetune.py --router-warmup 40 --skip-cost kl --skip-cost-blocks 4   # routers first, then LoRA
+    python training/finetune.py --router-warmup 0                # routers and LoRA learn together (joint recipe)
 
 Loss: next-token loss on each step's target tokens (the LM head runs only there), plus the gate regulariser: a
 FLOP budget whose price is a Lagrange multiplier, and which teaches the routers from measured skip costs (see
 ``layerroute.training.SkipBudget``). Step types never reach the loss; they are used only for the held-out report.
-With ``--router-warmup N`` the routers first learn alone for N steps on the frozen base, then keep their weights while
-LoRA trains, their biases re-centred on how LoRA shifts what they read (``layerroute.training.RouterAnchor``).
+The routers first learn alone for ``--router-warmup`` steps on the frozen base, then keep their weights while LoRA
+trains for ``--steps`` steps, their biases re-centred on how LoRA shifts what they read
+(``layerroute.training.RouterAnchor``).
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ from layerroute.training import (  # noqa: E402
 CORPUS = ROOT / "training" / "data" / "corpus"
 PRESETS = {
     # What runs in minutes on a 2-core CPU (the default).
-    "cpu": dict(model=None, steps=70, batch_size=4, lr=1e-3, router_lr=1e-2, max_length=512),
+    "cpu": dict(model=None, router_warmup=40, steps=70, batch_size=4, lr=1e-3, router_lr=1e-2, max_length=512,
+                skip_cost="kl", skip_cost_blocks=4, probe_selection="uniform"),
     # The published setting, for a GPU.
-    "seed": dict(model="Qwen/Qwen2.5-0.5B-Instruct", steps=3000, batch_size=8, lr=2e-4, router_lr=1e-2,
-                 max_length=1536),
+    "seed": dict(model="Qwen/Qwen2.5-0.5B-Instruct", router_warmup=300, steps=3000, batch_size=8, lr=2e-4,
+                 router_lr=1e-2, max_length=1536, skip_cost="kl", skip_cost_blocks=4, probe_selection="uniform"),
 }
 RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing", "static_prune",
                  "target_skip_rate", "regularizer_weight", "router_pooling", "router_init_bias",
@@ -71,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", nargs="+", default=None,
                         help="agent logs (JSON/JSONL, any supported format) or dataset names; default: embedded corpus")
     parser.add_argument("--validation-data", nargs="+", default=None, help="held-out logs for the final report")
-    parser.add_argument("--steps", type=int, default=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=argparse.SUPPRESS, help="LoRA training steps")
     parser.add_argument("--batch-size", type=int, default=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, default=argparse.SUPPRESS, help="LoRA learning rate")
     parser.add_argument("--router-lr", type=float, default=argparse.SUPPRESS, help="router learning rate (AdamW)")
@@ -83,21 +85,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--router-init-bias", type=float, default=LayerRouteConfig.router_init_bias)
     parser.add_argument("--router-fit-steps", type=int, default=10,
                         help="router optimiser steps per training step on the remembered skip costs")
-    parser.add_argument("--skip-cost-blocks", type=int, default=2,
+    parser.add_argument("--skip-cost-blocks", type=int, default=argparse.SUPPRESS,
                         help="blocks per step whose skip cost is measured to teach their routers (each costs up to "
                              "one extra forward pass without gradients)")
-    parser.add_argument("--probe-selection", choices=("uniform", "uncertain"), default="uniform",
+    parser.add_argument("--probe-selection", choices=("uniform", "uncertain"), default=argparse.SUPPRESS,
                         help="which blocks' skip costs are measured each step: drawn uniformly, or in proportion to "
                              "how split their remembered rows are between keep and skip at the current price")
-    parser.add_argument("--skip-cost", choices=SKIP_COST_MEASURES, default="loss",
+    parser.add_argument("--skip-cost", choices=SKIP_COST_MEASURES, default=argparse.SUPPRESS,
                         help="what a measured skip costs a row: loss, the increase of its loss on the reference "
                              "tokens; kl, the KL divergence of its next-token distributions without the block from "
-                             "with it (the expected loss increase: it tells step types apart far better before "
-                             "training, but 70-step runs on it have not come out better)")
-    parser.add_argument("--router-warmup", type=int, default=0, metavar="N",
+                             "with it (the expected loss increase, which tells step types apart far better)")
+    parser.add_argument("--router-warmup", type=int, default=argparse.SUPPRESS, metavar="N",
                         help="first train the routers alone for N steps on the frozen base (skip costs measured, LoRA "
                              "untouched), then freeze their weights while LoRA trains for --steps steps, each router's "
-                             "bias re-centred for how LoRA shifts what it reads; 0: routers and LoRA train together")
+                             "bias re-centred for how LoRA shifts what it reads; 0: routers and LoRA train together "
+                             "(default: 40, or 300 with --preset seed)")
     parser.add_argument("--probe-precision", choices=PROBE_PRECISIONS, default="auto",
                         help="precision of the skip-cost measurements; auto: bf16 where the hardware is faster at it, "
                              "fp32: the training forward's own precision")
@@ -112,11 +114,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--report-steps", type=int, default=120, help="held-out steps in the final routing report")
     parser.add_argument("--on-bad-record", choices=("raise", "skip"), default="raise")
     args = parser.parse_args(argv)
+    if args.no_routing or args.static_prune:
+        if getattr(args, "router_warmup", 0):
+            parser.error("--router-warmup trains routers; it does not combine with --no-routing or --static-prune")
+        args.router_warmup = 0  # the baselines train LoRA for the same --steps, with no routers to warm up
     for key, value in PRESETS[args.preset].items():
         if not hasattr(args, key):
             setattr(args, key, value)
-    if args.router_warmup and (args.no_routing or args.static_prune):
-        parser.error("--router-warmup trains routers; it does not combine with --no-routing or --static-prune")
     return args
 
 
