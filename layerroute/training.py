@@ -313,8 +313,8 @@ def probe_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def probed_blocks(num_layers: int, count: int, seed: int, step: int, weights: torch.Tensor | None = None) -> list[int]:
     """The blocks whose skip cost is measured at ``step``: ``count`` of them, drawn afresh (and reproducibly, for
-    resuming) every step, uniformly or, given ``weights`` ``(num_layers,)`` (e.g. :meth:`SkipBudget.probe_weights`),
-    without replacement in proportion to them."""
+    resuming) every step, uniformly or, given positive ``weights`` ``(num_layers,)`` (e.g.
+    :meth:`SkipBudget.probe_weights`), without replacement in proportion to them."""
     draw = random.Random(seed * 1_000_003 + step)
     count = min(count, num_layers)
     if weights is None:
