@@ -4,7 +4,8 @@ Times one optimiser step of each trainer, interleaved in one process over the sa
 
 - plain LoRA: a peft LoRA model (rank 8 on q/k/v/o) with the usual HF loss (labels on the target tokens);
 - LayerRoute, gates only: routers and straight-through gates, no skip-cost probes (what routing itself costs);
-- LayerRoute: the full step of ``training/finetune.py``: gates, --skip-cost-blocks probes, router fitting.
+- LayerRoute: the full step of the joint recipe (``training/finetune.py --router-warmup 0``): gates,
+  --skip-cost-blocks probes, router fitting. The default recipe's warm-up and LoRA steps are not timed here.
 
 Peak memory is measured apart, each trainer alone in a fresh process (peak resident set size), since a process's
 peak cannot be split between trainers that share it. Target: LayerRoute at most 10% slower than plain LoRA.
