@@ -70,7 +70,7 @@ class LayerRouteOutput:
         block_inputs: the input hidden states ``(batch, seq_len, hidden)`` of every block, detached, when the forward
             was asked to record probes (:meth:`LayerRouteModel.skip_costs` resumes from them).
         router_features: ``(batch, num_layers, hidden)``, what every router read, detached, when the forward was asked
-            to record probes and the routers decided (not with ``forced_skip``).
+            to record probes or router features and the routers decided (not with ``forced_skip``).
         final_hidden: ``(batch, seq_len, hidden)``, the last block's normalised output, detached, when the forward was
             given ``labels`` and asked to record probes (:meth:`LayerRouteModel.skip_costs` compares against it).
     """
@@ -226,6 +226,7 @@ class LayerRouteModel(nn.Module):
         labels: torch.Tensor | None = None,
         forced_skip: Iterable[int] | None = None,
         record_probes: bool = False,
+        record_router_features: bool = False,
     ) -> LayerRouteOutput:
         """Run the routed model on full sequences.
 
@@ -240,6 +241,7 @@ class LayerRouteModel(nn.Module):
             forced_skip: bypass the routers: every block runs except these.
             record_probes: keep every block's input and every router's features in the output, for
                 :meth:`skip_costs` and router training.
+            record_router_features: keep only every router's features in the output (implied by ``record_probes``).
 
         In training mode every block runs and gates are straight-through; in eval mode skipped blocks do not run.
         """
@@ -249,7 +251,8 @@ class LayerRouteModel(nn.Module):
             context_mask=(attention_mask if context_mask is None else context_mask).bool(),
             straight_through=self.training,
             forced_skip=None if forced_skip is None else frozenset(forced_skip),
-            probes={} if record_probes else None,
+            probes={} if record_probes or record_router_features else None,
+            probe_inputs=record_probes,
         )
         token = ROUTING_STATE.set(state)
         try:
@@ -267,11 +270,11 @@ class LayerRouteModel(nn.Module):
         keep_probs = torch.stack([state.keep_probs[i] for i in range(self.num_layers)], dim=1)
         keep = torch.stack([state.keep[i] for i in range(self.num_layers)], dim=1)
         block_inputs = router_features = final_hidden = None
-        if state.probes is not None:
+        if record_probes:
             final_hidden = None if labels is None else hidden.detach()
             block_inputs = [state.probes["input", i] for i in range(self.num_layers)]
-            if ("features", 0) in state.probes:
-                router_features = torch.stack([state.probes["features", i] for i in range(self.num_layers)], dim=1)
+        if state.probes is not None and ("features", 0) in state.probes:
+            router_features = torch.stack([state.probes["features", i] for i in range(self.num_layers)], dim=1)
         return LayerRouteOutput(logits=logits, loss=loss, token_nll=token_nll, keep_probs=keep_probs, keep=keep,
                                 block_inputs=block_inputs, router_features=router_features, final_hidden=final_hidden)
 

@@ -33,6 +33,8 @@ class RoutingState:
         start_hidden: ``(batch, seq_len, hidden)`` input of ``start_block``; ``None`` starts from the embeddings.
         probes: when not ``None``, every block records here, detached and by block index, what measuring its skip
             cost later needs: ``("input", i)`` its input hidden states, ``("features", i)`` its router's features.
+        probe_inputs: when false, ``probes`` gets router features only: frozen routers' bias re-centring reads them,
+            and keeping every block's input alive for it would hold ``num_layers`` activations past the backward.
     """
 
     context_mask: torch.Tensor | None = None
@@ -45,6 +47,7 @@ class RoutingState:
     start_block: int = 0
     start_hidden: torch.Tensor | None = None
     probes: dict[tuple[str, int], torch.Tensor] | None = None
+    probe_inputs: bool = True
 
     def hold(self, keep: torch.Tensor) -> None:
         """Take ``keep`` ``(batch, num_layers)`` as the decisions instead of asking the routers."""
@@ -119,7 +122,7 @@ class RoutedBlock(nn.Module):
             return hidden_states
         if self.layer_idx == state.start_block and state.start_hidden is not None:
             hidden_states = state.start_hidden
-        if state.probes is not None:
+        if state.probes is not None and state.probe_inputs:
             state.probes["input", self.layer_idx] = hidden_states.detach()
         keep = state.keep.get(self.layer_idx)
         gate = None

@@ -224,6 +224,18 @@ def test_anchor_cancels_a_shift_common_to_every_step():
     torch.testing.assert_close(logits(features), before, atol=1e-4, rtol=0)
 
 
+def test_router_features_alone_are_recorded_without_holding_block_inputs():
+    torch.manual_seed(0)
+    model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
+    batch = collate(examples(count=4), pad_token_id=0)
+    probes = model(**batch, record_probes=True)
+    features_only = model(**batch, record_router_features=True)
+    assert features_only.router_features.shape == (4, model.num_layers, model.shape.block.hidden_size)
+    torch.testing.assert_close(features_only.router_features, probes.router_features, atol=0, rtol=0)
+    assert features_only.block_inputs is None and features_only.final_hidden is None
+    assert probes.block_inputs is not None and probes.final_hidden is not None
+
+
 def test_collate_masks_context_and_target():
     batch = collate([TokenizedStep([5, 6, 7], [8, 9], "tool_call", "a"), TokenizedStep([5], [8], "planning", "b")], 0)
     assert batch["context_mask"].tolist() == [[True, True, True, False, False], [True, False, False, False, False]]

@@ -267,7 +267,7 @@ def main(argv=None) -> int:
                 router.requires_grad_(False)
         with accelerator.autocast(), torch.set_grad_enabled(not warming_up):
             out = model(**batch, forced_skip=() if args.no_routing else None,
-                        record_probes=learn_routes or bool(args.router_warmup))
+                        record_probes=learn_routes, record_router_features=bool(args.router_warmup))
             router_loss = torch.zeros((), device=out.loss.device)
             if learn_routes:
                 probed = probed_blocks(unwrapped.num_layers, args.skip_cost_blocks, args.seed, step,
