@@ -1,11 +1,15 @@
 """What does routing cost in training? LayerRoute against plain peft LoRA, same model, data and batch.
 
-Times one optimiser step of each trainer, interleaved in one process over the same batches (median of --repeats):
+Times one step of each trainer, interleaved in one process over the same batches (median of --repeats):
 
 - plain LoRA: a peft LoRA model (rank 8 on q/k/v/o) with the usual HF loss (labels on the target tokens);
 - LayerRoute, gates only: routers and straight-through gates, no skip-cost probes (what routing itself costs);
-- LayerRoute: the full step of the joint recipe (``training/finetune.py --router-warmup 0``): gates,
-  --skip-cost-blocks probes, router fitting. The default recipe's warm-up and LoRA steps are not timed here.
+- LayerRoute, joint step: the step of the joint recipe (``training/finetune.py --router-warmup 0``): gates,
+  --skip-cost-blocks probes measured as the loss increase, router fitting;
+- LayerRoute, warm-up step: the default recipe's first phase: a forward without gradients on the frozen base,
+  --warmup-skip-cost-blocks probes measured as KL, router fitting, the anchor's reference;
+- LayerRoute, LoRA under frozen routers: the default recipe's second phase, with the routers of --adapter (default:
+  the shipped adapter), so blocks are skipped for real as a trained router skips them; LoRA step and anchor.
 
 Peak memory is measured apart, each trainer alone in a fresh process (peak resident set size), since a process's
 peak cannot be split between trainers that share it. Target: LayerRoute at most 10% slower than plain LoRA.
@@ -31,9 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noqa: E402
+from layerroute.loading import default_adapter_dir  # noqa: E402
 from layerroute.traces import read_traces  # noqa: E402
 from layerroute.training import (  # noqa: E402
     PROBE_PRECISIONS,
+    RouterAnchor,
     SkipBudget,
     build_examples,
     collate,
@@ -41,18 +47,23 @@ from layerroute.training import (  # noqa: E402
     probed_blocks,
 )
 
-TRAINERS = ("plain LoRA", "LayerRoute, gates only", "LayerRoute")
+TRAINERS = ("plain LoRA", "LayerRoute, gates only", "LayerRoute, joint step", "LayerRoute, warm-up step",
+            "LayerRoute, LoRA under frozen routers")
 
 
-def make_trainers(base, args, names=TRAINERS) -> dict:
-    """name -> function(batch, step) running one optimiser step, for the trainers in ``names``."""
+def make_trainers(base, args, reference_batch: dict, names=TRAINERS) -> dict:
+    """name -> function(batch, step) running one training step, for the trainers in ``names``."""
     config = LayerRouteConfig()
     trainers = {}
     if "plain LoRA" in names:
         trainers["plain LoRA"] = plain_lora_step(base, config)
-    for name, probes in (("LayerRoute, gates only", 0), ("LayerRoute", args.skip_cost_blocks)):
+    for name, probes in (("LayerRoute, gates only", 0), ("LayerRoute, joint step", args.skip_cost_blocks)):
         if name in names:
             trainers[name] = layerroute_step(base, config, probes, args.router_fit_steps, args.probe_dtype)
+    if "LayerRoute, warm-up step" in names:
+        trainers["LayerRoute, warm-up step"] = warmup_step(base, config, args)
+    if "LayerRoute, LoRA under frozen routers" in names:
+        trainers["LayerRoute, LoRA under frozen routers"] = frozen_routers_step(base, args.adapter, reference_batch)
     return trainers
 
 
@@ -97,6 +108,48 @@ def layerroute_step(base, config, probes: int, router_fit_steps: int, dtype: tor
     return routed_step
 
 
+def warmup_step(base, config, args):
+    model = LayerRouteModel.from_base(copy.deepcopy(base), config).train()
+    budget = SkipBudget(config, model.num_layers, probe_dtype=args.probe_dtype, skip_cost="kl")
+    budget.multiplier = 1.0
+    optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if ".router." in n], lr=1e-2)
+    anchor = RouterAnchor(model.num_layers, model.shape.block.hidden_size)
+
+    def step(batch, index):
+        with torch.no_grad():
+            out = model(**batch, record_probes=True)
+            budget.measure(model, batch, out, probed_blocks(model.num_layers, args.warmup_skip_cost_blocks, 0, index))
+        anchor.observe(out.router_features)
+        for _ in range(args.router_fit_steps):
+            budget.router_loss(model).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    return step
+
+
+def frozen_routers_step(base, adapter, reference_batch: dict):
+    model = LayerRouteModel.from_pretrained(adapter, base_model=copy.deepcopy(base)).train()
+    for router in model.routers:
+        router.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    anchor = RouterAnchor(model.num_layers, model.shape.block.hidden_size)
+    with torch.no_grad():
+        anchor.observe(model(**reference_batch, record_router_features=True).router_features)
+
+    def step(batch, index):
+        out = model(**batch, record_router_features=True)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        anchor.follow(model, out.router_features)
+        tokens = batch["attention_mask"].sum(dim=1)
+        step.flops_skipped.append(SkipBudget.skipped_share(out.keep, tokens))
+
+    step.flops_skipped = []
+    return step
+
+
 def load_batches(tokenizer, args) -> list[dict]:
     traces = read_traces(ROOT / "training" / "data" / "corpus" / "validation.jsonl.gz").traces
     examples = build_examples(traces, tokenizer, args.max_length, 160).examples
@@ -120,7 +173,7 @@ def peak_memory(name: str, args, queue) -> None:
     torch.manual_seed(0)
     base, tokenizer = load_base_model(args.model)
     batches = load_batches(tokenizer, args)
-    step = make_trainers(base, args, names=(name,))[name]
+    step = make_trainers(base, args, batches[0], names=(name,))[name]
     for index, batch in enumerate(batches[:3]):
         step(batch, index)
     queue.put((name, peak_rss_gib()))
@@ -132,7 +185,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--skip-cost-blocks", type=int, default=2)
+    parser.add_argument("--skip-cost-blocks", type=int, default=2, help="probes per joint step")
+    parser.add_argument("--warmup-skip-cost-blocks", type=int, default=4, help="probes per warm-up step")
+    parser.add_argument("--adapter", default=str(default_adapter_dir()),
+                        help="whose routers the frozen-router step uses (an adapter for --model)")
     parser.add_argument("--router-fit-steps", type=int, default=10)
     parser.add_argument("--probe-precision", choices=PROBE_PRECISIONS, default="auto",
                         help="as in training/finetune.py")
@@ -143,7 +199,7 @@ def main() -> None:
     torch.manual_seed(0)
     base, tokenizer = load_base_model(args.model)
     batches = load_batches(tokenizer, args)
-    trainers = make_trainers(base, args)
+    trainers = make_trainers(base, args, batches[0])
     for step in trainers.values():
         step(batches[0], 0)  # warm-up
     times = {name: [] for name in trainers}
@@ -167,15 +223,17 @@ def main() -> None:
     tokens = statistics.median(int(b["attention_mask"].sum()) for b in batches[1:])
     print(f"model={args.model or 'embedded:SmolLM2-135M-Instruct'} batch={args.batch_size} "
           f"max_length={args.max_length} repeats={args.repeats} threads={torch.get_num_threads()} "
-          f"skip_cost_blocks={args.skip_cost_blocks} probe_dtype={args.probe_dtype} median tokens/batch={tokens}")
+          f"skip_cost_blocks={args.skip_cost_blocks}/{args.warmup_skip_cost_blocks} (joint/warm-up) "
+          f"probe_dtype={args.probe_dtype} median tokens/batch={tokens}")
     print("\n| trainer | median s/step | tokens/s | vs plain LoRA | peak RSS alone |\n|---|---|---|---|---|")
     reference = statistics.median(times["plain LoRA"])
     for name in TRAINERS:
         median = statistics.median(times[name])
         peak = f"{memory[name]:.2f} GiB" if name in memory else "-"
         print(f"| {name} | {median:.2f} | {tokens / median:.0f} | {median / reference - 1:+.1%} | {peak} |")
+    frozen = trainers["LayerRoute, LoRA under frozen routers"].flops_skipped
     print("\n(plain LoRA computes logits on every position, as HF's loss does; LayerRoute only where the loss needs "
-          "them)")
+          f"them. The frozen routers skipped {statistics.mean(frozen):.1%} of these batches' block FLOPs.)")
 
 
 if __name__ == "__main__":
