@@ -135,11 +135,10 @@ class SkipBudget:
     """
 
     def __init__(self, config: LayerRouteConfig, num_layers: int, memory_size: int = 256,
-                 probe_dtype: torch.dtype | None = None, skip_cost: str = "loss", weight_penalty: float = 0.0) -> None:
+                 probe_dtype: torch.dtype | None = None, skip_cost: str = "loss") -> None:
         self.target = config.target_skip_rate
         self.probe_dtype = probe_dtype
         self.skip_cost = skip_cost
-        self.weight_penalty = weight_penalty
         self.step_size = config.regularizer_weight
         self.multiplier = 0.0
         self.memory_size = memory_size
@@ -192,9 +191,7 @@ class SkipBudget:
 
     def router_loss(self, model) -> torch.Tensor:
         """Sum over routers of each router's binary cross-entropy against the keep targets of the rows it remembers,
-        each row weighted by its margin (normalised to a mean weight of one per router), plus ``weight_penalty``
-        times the squared norm of its weights (not its bias): a router fitted on a few dozen rows of
-        ``hidden_size``-wide features otherwise separates them perfectly and generalises worse than no router."""
+        each row weighted by its margin (normalised to a mean weight of one per router)."""
         losses = []
         for router, memory in zip(model.routers, self.memory):
             if memory is not None:
@@ -202,8 +199,7 @@ class SkipBudget:
                 margins = self.keep_margins(memory["loss_increase"], memory["price_weight"]).to(logits.device)
                 wrong_decision_costs = margins.abs()
                 weights = wrong_decision_costs / wrong_decision_costs.mean().clamp(min=torch.finfo(margins.dtype).tiny)
-                losses.append(F.binary_cross_entropy_with_logits(logits, (margins > 0).float(), weight=weights)
-                              + self.weight_penalty * router.proj.weight.pow(2).sum())
+                losses.append(F.binary_cross_entropy_with_logits(logits, (margins > 0).float(), weight=weights))
         # routers are independent: each gets its own full gradient
         return torch.stack(losses).sum() if losses else torch.zeros((), device=model.device)
 

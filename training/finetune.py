@@ -55,16 +55,15 @@ CORPUS = ROOT / "training" / "data" / "corpus"
 PRESETS = {
     # What runs in minutes on a 2-core CPU (the default).
     "cpu": dict(model=None, router_warmup=40, steps=70, batch_size=4, lr=1e-3, router_lr=1e-2, max_length=512,
-                skip_cost="kl", skip_cost_blocks=4, probe_selection="uniform", router_weight_penalty=0.0),
+                skip_cost="kl", skip_cost_blocks=4, probe_selection="uniform"),
     # The published setting, for a GPU.
     "seed": dict(model="Qwen/Qwen2.5-0.5B-Instruct", router_warmup=300, steps=3000, batch_size=8, lr=2e-4,
-                 router_lr=1e-2, max_length=1536, skip_cost="kl", skip_cost_blocks=4, probe_selection="uniform",
-                 router_weight_penalty=0.0),
+                 router_lr=1e-2, max_length=1536, skip_cost="kl", skip_cost_blocks=4, probe_selection="uniform"),
 }
 RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing", "static_prune",
                  "target_skip_rate", "regularizer_weight", "router_pooling", "router_init_bias",
                  "skip_cost_blocks", "skip_cost", "router_fit_steps", "probe_precision", "router_warmup",
-                 "probe_selection", "router_weight_penalty")
+                 "probe_selection")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,8 +85,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--router-init-bias", type=float, default=LayerRouteConfig.router_init_bias)
     parser.add_argument("--router-fit-steps", type=int, default=10,
                         help="router optimiser steps per training step on the remembered skip costs")
-    parser.add_argument("--router-weight-penalty", type=float, default=argparse.SUPPRESS,
-                        help="L2 penalty on the routers' weights when they are fitted to the measured skip costs")
     parser.add_argument("--skip-cost-blocks", type=int, default=argparse.SUPPRESS,
                         help="blocks per step whose skip cost is measured to teach their routers (each costs up to "
                              "one extra forward pass without gradients)")
@@ -224,7 +221,7 @@ def main(argv=None) -> int:
         schedulers.append(warmup_cosine(optimizers[1], args.steps))
     anchor = RouterAnchor(model.num_layers, model.shape.block.hidden_size)
     budget = SkipBudget(config, model.num_layers, probe_dtype=probe_dtype(args.probe_precision, accelerator.device),
-                        skip_cost=args.skip_cost, weight_penalty=args.router_weight_penalty)
+                        skip_cost=args.skip_cost)
     start = 0
     if args.resume:
         state = torch.load(checkpoint / "training_state.pt", weights_only=True)
