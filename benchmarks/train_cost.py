@@ -100,10 +100,7 @@ def layerroute_step(base, config, probes: int, router_fit_steps: int, dtype: tor
             optimizer.step()
             optimizer.zero_grad()
         if probes:
-            for _ in range(router_fit_steps - 1):
-                budget.router_loss(model).backward()
-                optimizers[1].step()
-                optimizers[1].zero_grad()
+            budget.fit_routers(model, optimizers[1], router_fit_steps - 1)
 
     return routed_step
 
@@ -120,10 +117,7 @@ def warmup_step(base, config, args):
             out = model(**batch, record_probes=True)
             budget.measure(model, batch, out, probed_blocks(model.num_layers, args.warmup_skip_cost_blocks, 0, index))
         anchor.observe(out.router_features)
-        for _ in range(args.router_fit_steps):
-            budget.router_loss(model).backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        budget.fit_routers(model, optimizer, args.router_fit_steps)
 
     return step
 

@@ -211,6 +211,15 @@ class SkipBudget:
             new = {key: torch.cat([old[key], value])[-self.memory_size :] for key, value in new.items()}
         self.memory[block] = new
 
+    def fit_routers(self, model, optimizer: torch.optim.Optimizer, steps: int) -> None:
+        """``steps`` passes of ``optimizer`` (over the routers' parameters) on :meth:`router_loss`. The memory holds
+        stored features, so a pass costs milliseconds, and every process holds the same memory, so under DDP the
+        routers stay identical across processes."""
+        for _ in range(steps):
+            self.router_loss(model).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
     def probe_weights(self) -> torch.Tensor:
         """How much a new measurement of each block is worth, ``(num_layers,)``: ``p * (1 - p)``, where ``p = (s + 1) /
         (n + 2)`` estimates the share of the block's rows worth skipping at the current price from the ``s`` of its

@@ -285,12 +285,8 @@ def main(argv=None) -> int:
                 optimizer.zero_grad(set_to_none=True)
             schedulers[0].step()
         if learn_routes:
-            # (more) passes over the remembered measurements: they are stored features, so this costs milliseconds,
-            # and every process holds the same memory, so the routers stay identical across processes
-            for _ in range(args.router_fit_steps - (0 if warming_up else 1)):
-                budget.router_loss(unwrapped).backward()
-                optimizers[1].step()
-                optimizers[1].zero_grad(set_to_none=True)
+            # a joint step already took one pass with the LoRA step
+            budget.fit_routers(unwrapped, optimizers[1], args.router_fit_steps - (0 if warming_up else 1))
             for scheduler in schedulers[1:]:
                 scheduler.step()
         elif args.router_warmup:
