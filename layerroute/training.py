@@ -6,6 +6,7 @@ them. They stay on the examples for evaluation and reports.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -168,11 +169,14 @@ class SkipBudget:
         """
         return loss_increase - self.multiplier * price_weight
 
-    def measure(self, model, batch: dict[str, torch.Tensor], output, blocks: list[int], gather=None) -> None:
+    def measure(self, model, batch: dict[str, torch.Tensor], output, blocks: list[int], gather=None,
+                example_ids: torch.Tensor | None = None) -> None:
         """Measure what skipping each of ``blocks`` costs every row of ``batch`` and remember it.
 
         ``output`` is the training forward of ``batch`` with ``record_probes=True``. ``gather`` (e.g.
         ``accelerator.gather``) collects the measurements of every process, so all processes fit the same routers.
+        ``example_ids`` ``(batch,)`` names each row's training example, so that :meth:`reread` can later replace what
+        the routers read for it (``-1``, the default: not re-readable).
         """
         precision = (torch.autocast(model.device.type, dtype=self.probe_dtype) if self.probe_dtype is not None
                      else nullcontext())
@@ -184,10 +188,14 @@ class SkipBudget:
         price_weight = tokens / (tokens.sum() * model.num_layers)
         features = output.router_features[:, blocks]
         loss_increase = costs / supervised
+        if example_ids is None:
+            example_ids = torch.full((len(tokens),), -1, dtype=torch.long)
+        example_ids = example_ids.to(tokens.device)
         if gather is not None:
-            features, loss_increase, price_weight = gather((features.contiguous(), loss_increase, price_weight))
+            features, loss_increase, price_weight, example_ids = gather(
+                (features.contiguous(), loss_increase, price_weight, example_ids))
         for column, block in enumerate(blocks):
-            self._remember(block, features[:, column], loss_increase[:, column], price_weight)
+            self._remember(block, features[:, column], loss_increase[:, column], price_weight, example_ids)
 
     def router_loss(self, model) -> torch.Tensor:
         """Sum over routers of each router's binary cross-entropy against the keep targets of the rows it remembers,
@@ -203,9 +211,9 @@ class SkipBudget:
         # routers are independent: each gets its own full gradient
         return torch.stack(losses).sum() if losses else torch.zeros((), device=model.device)
 
-    def _remember(self, block: int, features, loss_increase, price_weight) -> None:
+    def _remember(self, block: int, features, loss_increase, price_weight, example_ids) -> None:
         new = {"features": features.detach().float().cpu(), "loss_increase": loss_increase.detach().float().cpu(),
-               "price_weight": price_weight.detach().float().cpu()}
+               "price_weight": price_weight.detach().float().cpu(), "example_ids": example_ids.detach().long().cpu()}
         old = self.memory[block]
         if old is not None:
             new = {key: torch.cat([old[key], value])[-self.memory_size :] for key, value in new.items()}
@@ -219,6 +227,45 @@ class SkipBudget:
             self.router_loss(model).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+    def remembered_examples(self) -> list[int]:
+        """The training examples of every remembered row, sorted and without repeats."""
+        ids = [memory["example_ids"] for memory in self.memory if memory is not None]
+        if not ids:
+            return []
+        ids = torch.cat(ids)
+        if (ids < 0).any():
+            raise ValueError("the skip-cost memory holds rows measured without example_ids; they cannot be re-read")
+        return sorted(set(ids.tolist()))
+
+    def reread(self, example_ids: list[int], features: torch.Tensor) -> None:
+        """Replace what the routers read for every remembered row by ``features`` ``(len(example_ids), num_layers,
+        hidden)``, read anew for ``example_ids`` (e.g. through LoRA trained since the costs were measured); the
+        measured costs stay."""
+        position = {example: row for row, example in enumerate(example_ids)}
+        for block, memory in enumerate(self.memory):
+            if memory is not None:
+                rows = torch.tensor([position[example] for example in memory["example_ids"].tolist()], dtype=torch.long)
+                memory["features"] = features[rows, block].detach().float().cpu()
+
+    def refit_routers(self, model, optimizer: torch.optim.Optimizer, features: torch.Tensor, tokens: torch.Tensor,
+                      rounds: int, steps: int) -> float:
+        """Fit the routers to the remembered rows while holding the budget on the remembered examples: ``rounds``
+        times, the price moves by the gap between the target and the share of those examples' block FLOPs the
+        routers skip (decided from ``features`` ``(examples, num_layers, hidden)``, each example weighing its
+        ``tokens`` ``(examples,)``), then :meth:`fit_routers` takes ``steps`` passes. Returns the share skipped at the
+        end."""
+        for _ in range(rounds):
+            self.update(self._share_skipped_reading(model, features, tokens))
+            self.fit_routers(model, optimizer, steps)
+        return self._share_skipped_reading(model, features, tokens)
+
+    def _share_skipped_reading(self, model, features: torch.Tensor, tokens: torch.Tensor) -> float:
+        with torch.no_grad():
+            keep = torch.stack([
+                torch.sigmoid(block.router.proj(features[:, index].to(block.router.proj.weight))).squeeze(-1).cpu()
+                > block.threshold for index, block in enumerate(model.blocks)], dim=1)
+        return self.skipped_share(keep, tokens)
 
     def probe_weights(self) -> torch.Tensor:
         """How much a new measurement of each block is worth, ``(num_layers,)``: ``p * (1 - p)``, where ``p = (s + 1) /
@@ -331,6 +378,25 @@ def probed_blocks(num_layers: int, count: int, seed: int, step: int, weights: to
     # Efraimidis-Spirakis: the `count` largest keys u ** (1 / weight) are a weighted draw without replacement
     keys = [draw.random() ** (1.0 / weight) for weight in weights.tolist()]
     return sorted(sorted(range(num_layers), key=keys.__getitem__)[-count:])
+
+
+@torch.no_grad()
+def read_router_features(model, examples: list[TokenizedStep], pad_token_id: int, batch_size: int = 4,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """What every router reads for each of ``examples``, with LoRA and the routers as they are now (blocks the
+    routers skip are not run): ``(len(examples), num_layers, hidden)``. Only the contexts run, since the routers read
+    nothing else; ``dtype`` runs them under autocast (see :func:`probe_dtype`)."""
+    model.eval()
+    precision = torch.autocast(model.device.type, dtype=dtype) if dtype is not None else nullcontext()
+    contexts = [dataclasses.replace(example, target_ids=[]) for example in examples]
+    features = []
+    with precision:
+        for start in range(0, len(contexts), batch_size):
+            batch = collate(contexts[start : start + batch_size], pad_token_id)
+            output = model(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device),
+                           record_router_features=True)
+            features.append(output.router_features.float().cpu())
+    return torch.cat(features)
 
 
 @torch.no_grad()

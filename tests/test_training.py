@@ -27,6 +27,7 @@ from layerroute.training import (
     fix_routes,
     probe_dtype,
     probed_blocks,
+    read_router_features,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +167,45 @@ def test_routers_learn_from_remembered_skip_costs():
     for _ in range(2):
         budget.measure(model, batch, model(**batch, record_probes=True), [1])
     assert budget.memory[1]["features"].shape == (6, 64)  # the newest rows only
+
+
+def test_refit_reads_remembered_steps_through_the_current_lora_and_holds_the_budget_on_them():
+    torch.manual_seed(0)
+    model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
+    data = examples(count=8)
+    budget = SkipBudget(model.config, model.num_layers)
+    for step, rows in enumerate(([5, 2, 7, 0], [2, 6, 1, 3])):
+        batch = collate([data[i] for i in rows], pad_token_id=0)
+        budget.measure(model, batch, model(**batch, record_probes=True), [step, 2], example_ids=torch.tensor(rows))
+    remembered = budget.remembered_examples()
+    assert remembered == [0, 1, 2, 3, 5, 6, 7]
+    with torch.no_grad():  # LoRA moves what the routers read
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    features = read_router_features(model, [data[i] for i in remembered], pad_token_id=0)
+    assert features.shape == (7, model.num_layers, 64)
+    budget.reread(remembered, features)
+    rows_of_block_2 = [5, 2, 7, 0, 2, 6, 1, 3]
+    torch.testing.assert_close(budget.memory[2]["features"], features[[remembered.index(i) for i in rows_of_block_2], 2])
+    with torch.no_grad():  # the same features as a forward over the whole step (targets included) reads
+        batch = collate([data[i] for i in remembered], pad_token_id=0)
+        torch.testing.assert_close(model.eval()(**batch, record_router_features=True).router_features, features)
+
+    tokens = torch.tensor([len(data[i].context_ids) + len(data[i].target_ids) for i in remembered])
+    optimizer = torch.optim.AdamW([p for r in model.routers for p in r.parameters()], lr=1e-1)
+    share = budget.refit_routers(model, optimizer, features, tokens, rounds=60, steps=5)
+    assert budget.multiplier != 0.0  # the price moved with the gap
+    assert abs(share - model.config.target_skip_rate) < 0.1
+
+
+def test_rows_measured_without_example_ids_cannot_be_reread():
+    model = LayerRouteModel.from_base(tiny_qwen2()).train()
+    budget = SkipBudget(model.config, model.num_layers)
+    batch = collate(examples(count=2), pad_token_id=0)
+    budget.measure(model, batch, model(**batch, record_probes=True), [0])
+    with pytest.raises(ValueError, match="example_ids"):
+        budget.remembered_examples()
 
 
 def test_bf16_probes_measure_what_fp32_probes_measure():
@@ -350,15 +390,18 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_chat_dir, tmp_path, re
 def test_router_warmup_fits_routers_on_the_frozen_base_then_lora_under_frozen_router_weights(tiny_chat_dir, tmp_path):
     warm = run_finetune([*common_args(tiny_chat_dir, tmp_path / "warm", 0), "--router-warmup", "3"])
     assert warm.returncode == 0, warm.stderr[-2000:]
-    full = run_finetune([*common_args(tiny_chat_dir, tmp_path / "full", 2), "--router-warmup", "3"])
-    assert full.returncode == 0, full.stderr[-2000:]
+    full_run = run_finetune([*common_args(tiny_chat_dir, tmp_path / "full", 2), "--router-warmup", "3"])
+    assert full_run.returncode == 0, full_run.stderr[-2000:]
     warm, full = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("warm", "full"))
+    before_refit = load_file(tmp_path / "full" / "checkpoint" / "adapter_model.safetensors")  # after the last step
     lora_b = [name for name in warm if "lora_B" in name]  # LoRA's B starts at zero
     assert all(not warm[name].any() for name in lora_b)  # the warm-up leaves LoRA alone
     assert any(full[name].any() for name in lora_b)
     weights = [name for name in warm if name.endswith("router.proj.weight")]  # routers' weights start at zero
     assert any(warm[name].any() for name in weights)  # the routers learnt in the warm-up
-    assert all(torch.equal(warm[name], full[name]) for name in weights)  # and kept those weights with LoRA
+    assert all(torch.equal(warm[name], before_refit[name]) for name in weights)  # and kept those weights with LoRA
+    assert any(not torch.equal(full[name], before_refit[name]) for name in weights)  # then were refitted through it
+    assert "routers refitted on" in (full_run.stdout + full_run.stderr)
     metrics = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
     clash = run_finetune([*common_args(tiny_chat_dir, tmp_path / "clash", 1), "--router-warmup", "1", "--no-routing"])

@@ -12,7 +12,8 @@ FLOP budget whose price is a Lagrange multiplier, and which teaches the routers 
 ``layerroute.training.SkipBudget``). Step types never reach the loss; they are used only for the held-out report.
 The routers first learn alone for ``--router-warmup`` steps on the frozen base, then keep their weights while LoRA
 trains for ``--steps`` steps, their biases re-centred on how LoRA shifts what they read
-(``layerroute.training.RouterAnchor``).
+(``layerroute.training.RouterAnchor``); at the end they are fitted once more to the warm-up's measured skip costs,
+read through the trained LoRA (``--router-refit-rounds``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from layerroute.training import (  # noqa: E402
     fix_routes,
     probe_dtype,
     probed_blocks,
+    read_router_features,
 )
 
 CORPUS = ROOT / "training" / "data" / "corpus"
@@ -63,7 +65,7 @@ PRESETS = {
 RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing", "static_prune",
                  "target_skip_rate", "regularizer_weight", "router_pooling", "router_init_bias",
                  "skip_cost_blocks", "skip_cost", "router_fit_steps", "probe_precision", "router_warmup",
-                 "probe_selection")
+                 "router_refit_rounds", "probe_selection")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,6 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "untouched), then freeze their weights while LoRA trains for --steps steps, each router's "
                              "bias re-centred for how LoRA shifts what it reads; 0: routers and LoRA train together "
                              "(default: 40, or 300 with --preset seed)")
+    parser.add_argument("--router-refit-rounds", type=int, default=30, metavar="N",
+                        help="after a router warm-up and the LoRA steps, read the warm-up's remembered steps again "
+                             "through the trained LoRA and fit the routers to their measured skip costs in N rounds "
+                             "of --router-fit-steps passes, the price moving each round to hold the budget on those "
+                             "steps; 0: keep the anchored routers")
     parser.add_argument("--probe-precision", choices=PROBE_PRECISIONS, default="auto",
                         help="precision of the skip-cost measurements; auto: bf16 where the hardware is faster at it, "
                              "fp32: the training forward's own precision")
@@ -272,7 +279,8 @@ def main(argv=None) -> int:
             if learn_routes:
                 probed = probed_blocks(unwrapped.num_layers, args.skip_cost_blocks, args.seed, step,
                                        budget.probe_weights() if args.probe_selection == "uncertain" else None)
-                budget.measure(unwrapped, batch, out, probed, gather=accelerator.gather)
+                budget.measure(unwrapped, batch, out, probed, gather=accelerator.gather,
+                               example_ids=torch.tensor(indices, device=accelerator.device))
                 router_loss = budget.router_loss(unwrapped)
             loss = out.loss + router_loss
         if warming_up:
@@ -313,6 +321,26 @@ def main(argv=None) -> int:
             accelerator.print(f"\ninterrupted at step {done}; resume with: python training/finetune.py "
                               f"--output {output} --resume")
             return 130
+
+    # ---------------------------------------------------------------- router refit
+    # The anchor undoes the shift LoRA causes in common to every step, not the rest of it; so the routers are fitted
+    # once more to the costs the warm-up measured, now reading those steps through the trained LoRA. Every process
+    # reads the same steps, so the routers stay identical across processes.
+    if args.router_warmup and args.steps and args.router_refit_rounds:
+        remembered = budget.remembered_examples()
+        features = read_router_features(unwrapped, [train.examples[i] for i in remembered], tokenizer.pad_token_id,
+                                        args.batch_size, dtype=budget.probe_dtype)
+        budget.reread(remembered, features)
+        tokens = torch.tensor([len(train.examples[i].context_ids) + len(train.examples[i].target_ids)
+                               for i in remembered])
+        for router in unwrapped.routers:
+            router.requires_grad_(True)
+        share = budget.refit_routers(unwrapped, optimizers[1], features, tokens, args.router_refit_rounds,
+                                     args.router_fit_steps)
+        for router in unwrapped.routers:
+            router.requires_grad_(False)
+        accelerator.print(f"routers refitted on {len(remembered)} remembered steps read through the trained LoRA: "
+                          f"price {budget.multiplier:.3f}, {share:.1%} of their block FLOPs skipped")
 
     # ---------------------------------------------------------------- adapter and report
     if accelerator.is_main_process:
