@@ -385,18 +385,20 @@ def read_router_features(model, examples: list[TokenizedStep], pad_token_id: int
                          dtype: torch.dtype | None = None) -> torch.Tensor:
     """What every router reads for each of ``examples``, with LoRA and the routers as they are now (blocks the
     routers skip are not run): ``(len(examples), num_layers, hidden)``. Only the contexts run, since the routers read
-    nothing else; ``dtype`` runs them under autocast (see :func:`probe_dtype`)."""
+    nothing else, batched by length so that little compute goes to padding; ``dtype`` runs them under autocast (see
+    :func:`probe_dtype`)."""
     model.eval()
     precision = torch.autocast(model.device.type, dtype=dtype) if dtype is not None else nullcontext()
     contexts = [dataclasses.replace(example, target_ids=[]) for example in examples]
+    by_length = sorted(range(len(contexts)), key=lambda index: len(contexts[index].context_ids))
     features = []
     with precision:
-        for start in range(0, len(contexts), batch_size):
-            batch = collate(contexts[start : start + batch_size], pad_token_id)
+        for start in range(0, len(by_length), batch_size):
+            batch = collate([contexts[index] for index in by_length[start : start + batch_size]], pad_token_id)
             output = model(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device),
                            record_router_features=True)
             features.append(output.router_features.float().cpu())
-    return torch.cat(features)
+    return torch.cat(features)[torch.tensor(by_length).argsort()]
 
 
 @torch.no_grad()
