@@ -331,8 +331,7 @@ def main(argv=None) -> int:
         features = read_router_features(unwrapped, [train.examples[i] for i in remembered], tokenizer.pad_token_id,
                                         args.batch_size, dtype=budget.probe_dtype)
         budget.reread(remembered, features)
-        tokens = torch.tensor([len(train.examples[i].context_ids) + len(train.examples[i].target_ids)
-                               for i in remembered])
+        tokens = torch.tensor([lengths[i] for i in remembered])
         for router in unwrapped.routers:
             router.requires_grad_(True)
         share = budget.refit_routers(unwrapped, optimizers[1], features, tokens, args.router_refit_rounds,
