@@ -1,18 +1,48 @@
-"""Tool calls in generated text (Hermes / Qwen2.5 ``<tool_call>`` form): parsing them, and keeping their names to the
-bound tools while they are generated."""
+"""Tool calls in generated text (Hermes / Qwen2.5 ``<tool_call>`` form): ``tool_choice`` normalisation, parsing the
+calls, and scoring them against a reference as BFCL's AST checker does.
+
+Generation itself is constrained by :mod:`layerroute.grammar`."""
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import json
 import re
 from dataclasses import dataclass, field
 
-import torch
-from transformers import LogitsProcessor
+import jsonschema
 
 TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+TOOL_CHOICE_KEYWORDS = ("auto", "none", "any", "required")
+
+
+def normalize_tool_choice(tool_choice, names: list[str]) -> tuple | None:
+    """OpenAI / LangChain ``tool_choice`` as one of ``None`` (auto), ``("none",)``, ``("required",)`` or
+    ``("name", NAME)``, given the bound tools' ``names``; a clear ``ValueError`` for anything else, a name that is not
+    bound included. ``"any"`` / ``"required"`` / ``True`` with a single bound tool is that tool's name."""
+    if tool_choice is None or tool_choice == "auto" or tool_choice is False:
+        return None
+    if isinstance(tool_choice, tuple):
+        return tool_choice
+    if tool_choice == "none":
+        return ("none",)
+    if tool_choice in ("any", "required") or tool_choice is True:
+        if not names:
+            raise ValueError(f"tool_choice={tool_choice!r} needs at least one bound tool")
+        return ("required",) if len(names) > 1 else ("name", names[0])
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+        if not isinstance(name, str):
+            raise ValueError(f"tool_choice dict must name a function, got {tool_choice!r}")
+        tool_choice = name
+    if isinstance(tool_choice, str):
+        if tool_choice not in names:
+            raise ValueError(
+                f"tool_choice={tool_choice!r} is neither one of {TOOL_CHOICE_KEYWORDS} nor a bound tool "
+                f"(bound: {names})"
+            )
+        return ("name", tool_choice)
+    raise ValueError(f"unsupported tool_choice {tool_choice!r}; use one of {TOOL_CHOICE_KEYWORDS}, a tool name or "
+                     "{'type': 'function', 'function': {'name': ...}}")
 
 
 @dataclass
@@ -71,87 +101,126 @@ def parse_tool_calls(text: str) -> ParsedOutput:
     return ParsedOutput(content, calls, invalid)
 
 
-def calls_match(generated: list[ParsedToolCall], reference: list[dict]) -> bool:
-    """Exact match: the same calls (name and arguments) as the reference canonical ``tool_calls``, in any order."""
-    want = sorted(
-        json.dumps({"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}, sort_keys=True)
-        for c in reference
-    )
-    got = sorted(json.dumps({"name": c.name, "arguments": c.arguments}, sort_keys=True) for c in generated)
-    return got == want
+# ---------------------------------------------------------------------------------------------- scoring
+@dataclass
+class CallScore:
+    """One generated step scored against its reference calls.
 
-
-class TokenPieces:
-    """The text of every token of a tokenizer, indexed for prefix lookups (built once per tokenizer: ~1 s for a
-    49k vocabulary).
-
-    ``consistent`` is false for tokenizers whose tokens do not decode one by one into the text they decode to
-    together (SentencePiece's dropped leading spaces); a constraint built on such pieces would mask the wrong tokens.
+    Attributes:
+        valid: at least one call was generated, and every generated block parsed and calls a bound tool with
+            arguments valid under its parameter schema (what a tool executor would accept).
+        names_correct: the generated calls name the reference's tools, as many times each (order free).
+        arguments_correct: every reference call is matched by a distinct generated call with the same name and
+            matching arguments (:func:`arguments_match`), and nothing more was called.
+        error: why the step is not fully correct (``None`` when it is).
     """
 
-    def __init__(self, tokenizer) -> None:
-        self.pieces = tokenizer.batch_decode([[index] for index in range(len(tokenizer))])
-        self.by_piece: dict[str, list[int]] = {}
-        for index, piece in enumerate(self.pieces):
-            if piece:
-                self.by_piece.setdefault(piece, []).append(index)
-        self.sorted_pieces = sorted(self.by_piece)
-        sample = tokenizer('<tool_call>\n{"name": "get_weather", "arguments": {}}', add_special_tokens=False).input_ids
-        self.consistent = "".join(self.pieces[i] for i in sample) == tokenizer.decode(sample)
-
-    def starting_with(self, text: str) -> list[int]:
-        """Tokens whose text starts with ``text`` (non-empty)."""
-        found = []
-        for piece in itertools.islice(self.sorted_pieces, bisect.bisect_left(self.sorted_pieces, text), None):
-            if not piece.startswith(text):
-                break
-            found.extend(self.by_piece[piece])
-        return found
-
-    def prefixes_of(self, text: str) -> list[int]:
-        """Tokens whose text is a non-empty prefix of ``text``."""
-        return [index for end in range(1, len(text) + 1) for index in self.by_piece.get(text[:end], ())]
+    valid: bool
+    names_correct: bool
+    arguments_correct: bool
+    error: str | None = None
 
 
-class ToolNameConstraint(LogitsProcessor):
-    """Keeps the name of every generated ``<tool_call>`` to one of the bound tools.
+def score_calls(parsed: ParsedOutput, reference: list[dict], tools: list[dict]) -> CallScore:
+    """Score generated calls against a reference step's canonical ``tool_calls``, with the bound ``tools`` (OpenAI
+    function tools) giving each tool's parameter schema."""
+    schemas = {tool["function"]["name"]: tool["function"].get("parameters") or {} for tool in tools}
+    generated = parsed.tool_calls
+    invalid = [f"{call.name or '?'}: {call.error}" for call in parsed.invalid_tool_calls]
+    for call in generated:
+        if call.name not in schemas:
+            invalid.append(f"{call.name}: not a bound tool")
+            continue
+        try:
+            jsonschema.validate(call.arguments, schemas[call.name])
+        except jsonschema.ValidationError as error:
+            invalid.append(f"{call.name}: {error.message}")
+        except jsonschema.SchemaError:
+            pass  # a tool's own broken schema says nothing about the call
+    valid = bool(generated) and not invalid
+    wanted = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in reference]
+    names_correct = sorted(c.name for c in generated) == sorted(name for name, _ in wanted)
+    if not names_correct:
+        got = ", ".join(c.name for c in generated) or "no call"
+        return CallScore(valid, False, False, f"called {got}; expected {', '.join(n for n, _ in wanted)}")
+    unmatched = list(generated)
+    for name, arguments in wanted:
+        reasons = []
+        for call in unmatched:
+            if call.name == name:
+                reason = arguments_match(call.arguments, acceptable_values(arguments, schemas.get(name, {})),
+                                         schemas.get(name, {}))
+                if reason is None:
+                    unmatched.remove(call)
+                    break
+                reasons.append(reason)
+        else:
+            return CallScore(valid, True, False, f"{name}: {'; '.join(reasons)}")
+    return CallScore(valid, True, True, None if valid else "; ".join(invalid))
 
-    Small models invent tool names or copy the placeholder of the call instructions (``<function-name>``), and a
-    call to a tool that is not bound can only fail. From the ``<tool_call>`` tag to the closing quote of the name,
-    only tokens that keep the text a prefix of ``{"name": "<a bound name>"`` (JSON spacing variants allowed) may be
-    generated; the arguments, and everything outside a call, are free. A block the model has already broken (another
-    key first, say) is left alone, so the constraint never traps generation.
 
-    Args:
-        pieces: :class:`TokenPieces` of the model's tokenizer.
-        tokenizer: the model's tokenizer.
-        names: the bound tools' names.
-        prompt_length: tokens of the prompt; generated text starts after them.
-        prefix: text of the answer already in the prompt (a forced ``<tool_call>\\n``).
-    """
+def acceptable_values(reference_arguments: dict, schema: dict) -> dict[str, list]:
+    """A reference call's arguments in BFCL's possible-answer form: each parameter's acceptable values, ``""`` marking
+    "may be left out". An optional parameter may be left out when the reference leaves it out or gives its schema
+    default; a reference that leaves it out also accepts that default."""
+    properties = schema.get("properties") or {}
+    required = set(schema.get("required") or [])
+    acceptable = {}
+    for name, value in reference_arguments.items():
+        default = (properties.get(name) or {}).get("default", _NO_DEFAULT)
+        acceptable[name] = [value, ""] if name not in required and value == default else [value]
+    for name, spec in properties.items():
+        if name not in acceptable and name not in required:
+            default = (spec or {}).get("default", _NO_DEFAULT)
+            acceptable[name] = [""] if default is _NO_DEFAULT else ["", default]
+    return acceptable
 
-    OPEN = "<tool_call>"
 
-    def __init__(self, pieces: TokenPieces, tokenizer, names: list[str], prompt_length: int, prefix: str = "") -> None:
-        self.pieces, self.tokenizer = pieces, tokenizer
-        self.prompt_length, self.prefix = prompt_length, prefix
-        self.completions = [f'{before}{{{inside}"name":{after}{json.dumps(name)}'
-                            for name in names for before in ("", "\n", " ") for inside in ("", " ", "\n")
-                            for after in ("", " ")]
+def arguments_match(arguments: dict, acceptable: dict[str, list], schema: dict) -> str | None:
+    """``None`` when ``arguments`` match, else the reason; the rules of BFCL's AST checker: every required parameter
+    present, no parameter the schema or the reference does not know, each value among its acceptable values, and an
+    omitted parameter only where ``""`` is acceptable. Values compare after type coercion (an integer for a number)
+    and, for strings (inside lists and objects too), case-, space- and punctuation-insensitively."""
+    properties = schema.get("properties") or {}
+    for name in schema.get("required") or []:
+        if name not in arguments:
+            return f"missing required argument {name!r}"
+    for name, value in arguments.items():
+        if name not in acceptable or (properties and name not in properties):
+            return f"unexpected argument {name!r}"
+        options = [option for option in acceptable[name] if option != ""]
+        if not options:
+            return f"argument {name!r} given where the reference leaves it out"
+        if not any(_same_value(value, option, properties.get(name) or {}) for option in options):
+            return f"{name}={value!r}, expected {' or '.join(repr(o) for o in options)}"
+    for name, options in acceptable.items():
+        if name not in arguments and "" not in options:
+            return f"missing argument {name!r}"
+    return None
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for row in range(input_ids.shape[0]):
-            text = self.prefix + self.tokenizer.decode(input_ids[row, self.prompt_length :])
-            opened = text.rfind(self.OPEN)
-            if opened < 0:
-                continue
-            written = text[opened + len(self.OPEN) :]
-            rests = [c[len(written) :] for c in self.completions if c.startswith(written) and len(c) > len(written)]
-            if not rests:  # the name is complete, or the block went another way
-                continue
-            allowed = {index for rest in rests for index in self.pieces.prefixes_of(rest)}
-            allowed.update(index for rest in rests for index in self.pieces.starting_with(rest))
-            mask = torch.full_like(scores[row], float("-inf"))
-            mask[[index for index in allowed if index < mask.shape[0]]] = 0.0  # a tokenizer may outgrow the head
-            scores[row] = scores[row] + mask
-        return scores
+
+_NO_DEFAULT = object()
+_STRING_NOISE = re.compile(r"[ ,./\-_*^]")
+
+
+def _standard(text: str) -> str:
+    return _STRING_NOISE.sub("", text).lower().replace("'", '"')
+
+
+def _same_value(value, expected, schema: dict) -> bool:
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return type(value) is type(expected) and value == expected
+    if isinstance(expected, (int, float)):
+        return isinstance(value, (int, float)) and float(value) == float(expected)
+    if isinstance(expected, str):
+        return isinstance(value, str) and _standard(value) == _standard(expected)
+    if isinstance(expected, list):
+        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
+        return isinstance(value, list) and len(value) == len(expected) and all(
+            _same_value(v, e, items) for v, e in zip(value, expected))
+    if isinstance(expected, dict):
+        properties = schema.get("properties") or {}
+        return isinstance(value, dict) and set(value) == set(expected) and all(
+            _same_value(value[key], expected[key], properties.get(key) or {}) for key in expected)
+    return value == expected
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from typing import Literal
 
 import pytest
 import torch
@@ -13,11 +14,11 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import tool
 from langchain_tests.unit_tests import ChatModelUnitTests
+from pydantic import BaseModel
 
 from langchain_layerroute import ChatLayerRoute, LayerRouteCostCallback, layerroute_cost_tracking
-from langchain_layerroute.chat_models import _normalize_tool_choice
 from layerroute.costs import read_records
-from layerroute.toolcalls import TokenPieces, ToolNameConstraint, parse_tool_calls
+from layerroute.toolcalls import normalize_tool_choice, parse_tool_calls
 
 METADATA_KEYS = {"step_type", "skipped_layers", "num_layers", "layers_skipped_frac", "flops_total",
                  "flops_skipped", "flops_skipped_frac", "latency_s"}
@@ -115,42 +116,63 @@ async def test_astream_and_ainvoke(llm):
     assert "layerroute" in message.response_metadata
 
 
-def test_named_tool_choice_forces_a_call_of_that_tool(llm):
+def test_named_tool_choice_forces_a_call_of_that_tool(tiny_chat_dir):
+    llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=24)  # the grammar's forced tokens count as generated
     message = llm.bind_tools([get_weather, add], tool_choice="get_weather").invoke("Weather in Oslo?")
     calls = message.tool_calls + message.invalid_tool_calls
     assert calls and calls[0]["name"] == "get_weather"  # a random model may mangle the arguments, never the name
     assert message.response_metadata["layerroute"]["step_type"] == "tool_call"
 
 
-@pytest.mark.parametrize("constrained", [True, False])
-def test_tool_names_are_constrained_to_the_bound_tools(tiny_chat_dir, constrained):
-    # a random model writes garbage; inside a <tool_call> the constraint leaves it only the bound names to write
-    llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=40, constrain_tool_names=constrained)
-    message = llm.bind_tools([get_weather, add], tool_choice="any").invoke("Weather in Oslo?")
-    names = [call["name"] for call in message.tool_calls + message.invalid_tool_calls]
-    assert bool(names and names[0] in ("get_weather", "add")) == constrained
+@tool
+def set_mode(mode: Literal["on", "off"], loud: bool) -> str:
+    """Switch the device on or off."""
+    return mode
 
 
-def test_tool_name_constraint_allows_exactly_the_continuations_of_bound_names(smollm2):
-    _, tokenizer = smollm2
-    pieces = TokenPieces(tokenizer)
-    assert pieces.consistent
+class Verdict(BaseModel):
+    answer: Literal["yes", "no"]
+    sure: bool
 
-    def allowed(generated: str, prefix: str = "") -> set[str]:
-        ids = tokenizer(generated, add_special_tokens=False, return_tensors="pt").input_ids
-        constraint = ToolNameConstraint(pieces, tokenizer, ["get_weather", "add"], prompt_length=0, prefix=prefix)
-        scores = constraint(ids, torch.zeros(1, len(tokenizer)))
-        return {pieces.pieces[i] for i in torch.nonzero(scores[0] == 0).flatten().tolist()}
 
-    # the only tokens of this vocabulary that begin `"get_weather"` or `"add"` after the key, spacing included
-    assert allowed('<tool_call>\n{"name":') == {" ", ' "', '"'}  # not ' <' (a placeholder) nor ' "search'
-    assert allowed('<tool_call>\n{"name": "get_we') == {"a", "at", "ath", "athe", "ather"}
-    assert allowed('<tool_call>\n{"name": "get_weather') >= {'"', '",'}  # the closing quote may bring more
-    assert allowed("{", prefix="<tool_call>\n") == allowed("<tool_call>\n{")  # a forced prefix counts
-    everything = set(pieces.by_piece)
-    assert allowed('<tool_call>\n{"name": "add", "arg') == everything  # the arguments are free
-    assert allowed("I think so") == everything  # outside a call
-    assert allowed('<tool_call>\n{"arguments": {') == everything  # a block that went another way is left alone
+def test_bound_tool_calls_follow_the_tool_schema_even_from_a_random_model(tiny_chat_dir):
+    # a random model writes garbage; the grammar leaves it only a bound name and schema-valid arguments to write
+    # (enums and booleans, so that the few tokens it may choose from close the call within max_tokens)
+    llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=60)
+    for choice in ("set_mode", "any"):
+        message = llm.bind_tools([set_mode, get_weather], tool_choice=choice).invoke("Lights off")
+        assert not message.invalid_tool_calls
+        if choice == "set_mode":
+            assert [c["name"] for c in message.tool_calls] == ["set_mode"]
+        for call in message.tool_calls:
+            assert call["name"] in ("set_mode", "get_weather")
+            if call["name"] == "set_mode":
+                assert call["args"]["mode"] in ("on", "off") and isinstance(call["args"]["loud"], bool)
+        assert message.response_metadata["layerroute"]["step_type"] == "tool_call"
+
+
+def test_tool_choice_none_never_calls(tiny_chat_dir):
+    llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=40, temperature=1.0, seed=3)
+    for _ in range(3):
+        message = llm.bind_tools([set_mode], tool_choice="none").invoke("Lights off")
+        assert "<tool_call>" not in message.content and not message.tool_calls and not message.invalid_tool_calls
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_structured_output_is_schema_valid_from_a_random_model(tiny_chat_dir, method):
+    llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=60)
+    verdict = llm.with_structured_output(Verdict, method=method).invoke("Is water wet?")
+    assert isinstance(verdict, Verdict)
+    raw = llm.with_structured_output(Verdict.model_json_schema(), method=method, include_raw=True).invoke("Is it?")
+    assert raw["parsing_error"] is None and set(raw["parsed"]) == {"answer", "sure"}
+    assert raw["raw"].response_metadata["layerroute"]["num_layers"] == 3
+
+
+def test_structured_output_rejects_unknown_methods_and_tools_beside_a_response_format(llm):
+    with pytest.raises(ValueError, match="unknown method"):
+        llm.with_structured_output(Verdict, method="xml")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        llm.bind_tools([set_mode]).bind(response_format={"type": "json_object"}).invoke("hi")
 
 
 def test_tool_choice_none_hides_tools(llm):
@@ -160,18 +182,18 @@ def test_tool_choice_none_hides_tools(llm):
 
 
 def test_tool_choice_values():
-    assert _normalize_tool_choice(None, ["a"]) is None
-    assert _normalize_tool_choice("auto", ["a"]) is None
-    assert _normalize_tool_choice("none", ["a"]) == ("none",)
-    assert _normalize_tool_choice("any", ["a", "b"]) == ("required",)
-    assert _normalize_tool_choice("required", ["a"]) == ("name", "a")
-    assert _normalize_tool_choice({"type": "function", "function": {"name": "b"}}, ["a", "b"]) == ("name", "b")
+    assert normalize_tool_choice(None, ["a"]) is None
+    assert normalize_tool_choice("auto", ["a"]) is None
+    assert normalize_tool_choice("none", ["a"]) == ("none",)
+    assert normalize_tool_choice("any", ["a", "b"]) == ("required",)
+    assert normalize_tool_choice("required", ["a"]) == ("name", "a")
+    assert normalize_tool_choice({"type": "function", "function": {"name": "b"}}, ["a", "b"]) == ("name", "b")
     with pytest.raises(ValueError, match="neither one of"):
-        _normalize_tool_choice("sometimes", ["a"])
+        normalize_tool_choice("sometimes", ["a"])
     with pytest.raises(ValueError, match="needs at least one bound tool"):
-        _normalize_tool_choice("any", [])
+        normalize_tool_choice("any", [])
     with pytest.raises(ValueError, match="unsupported tool_choice"):
-        _normalize_tool_choice(3, ["a"])
+        normalize_tool_choice(3, ["a"])
     with pytest.raises(ValueError, match="neither one of"):
         ChatLayerRoute(model="x").bind_tools([get_weather], tool_choice="add")
 

@@ -9,7 +9,8 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from operator import itemgetter
+from typing import Any, Literal
 
 import torch
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -24,19 +25,23 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, PrivateAttr
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from transformers import LogitsProcessorList, TextIteratorStreamer
 
 from layerroute import LayerRouteModel, load_base_model
+from layerroute.grammar import DecodingGrammars
 from layerroute.loading import default_adapter_dir
 from layerroute.steps import render_chat
-from layerroute.toolcalls import TokenPieces, ToolNameConstraint, parse_tool_calls
+from layerroute.toolcalls import normalize_tool_choice, parse_tool_calls
 
-TOOL_CHOICE_KEYWORDS = ("auto", "none", "any", "required")
+JSON_SCHEMA_INSTRUCTION = "Answer with a JSON object, and nothing else, that is valid under this JSON schema:\n{schema}"
+JSON_OBJECT_INSTRUCTION = "Answer with a JSON object, and nothing else."
 logger = logging.getLogger(__name__)
 
 
@@ -47,18 +52,16 @@ class _Runtime:
         self.model = model
         self.tokenizer = tokenizer
         self.seed_lock = threading.Lock()
-        self._pieces: TokenPieces | None = None
-        self._pieces_lock = threading.Lock()
+        self._grammars: DecodingGrammars | None = None
+        self._grammars_lock = threading.Lock()
 
-    def token_pieces(self) -> TokenPieces | None:
-        """The tokenizer's token texts for tool-name constraints, built on first use; ``None`` (with a warning) for
-        a tokenizer whose tokens do not decode one by one."""
-        with self._pieces_lock:
-            if self._pieces is None:
-                self._pieces = TokenPieces(self.tokenizer)
-                if not self._pieces.consistent:
-                    logger.warning("this tokenizer's tokens do not decode one by one; tool names are not constrained")
-        return self._pieces if self._pieces.consistent else None
+    def grammars(self) -> DecodingGrammars:
+        """The grammar compiler for this tokenizer, built on first use (reading the vocabulary takes a moment)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                vocab_size = self.model.base_model.get_output_embeddings().weight.shape[0]
+                self._grammars = DecodingGrammars(self.tokenizer, vocab_size)
+        return self._grammars
 
 
 _RUNTIMES: dict[tuple, _Runtime] = {}
@@ -88,6 +91,10 @@ class ChatLayerRoute(BaseChatModel):
     Each returned ``AIMessage`` carries ``response_metadata["layerroute"]`` with ``step_type`` (``tool_call`` or
     ``planning``), ``skipped_layers``, ``num_layers``, ``layers_skipped_frac``, ``flops_total``, ``flops_skipped``,
     ``flops_skipped_frac`` and ``latency_s``.
+
+    Generation is constrained (:mod:`layerroute.grammar`): with tools bound, every ``<tool_call>`` names a bound tool
+    and carries arguments valid under its JSON schema, and ``tool_choice`` is enforced; structured output
+    (``with_structured_output``, or ``response_format`` bound) is JSON valid under its schema.
 
     Construction is cheap: the model loads on the first call, once per process for each base model, adapter and
     device (instances that differ only in generation settings share it).
@@ -119,9 +126,6 @@ class ChatLayerRoute(BaseChatModel):
     streaming: bool = False
     device: str | None = None
     trust_remote_code: bool = False
-    constrain_tool_names: bool = True
-    """Inside a ``<tool_call>``, allow only the names of the bound tools (see
-    :class:`layerroute.toolcalls.ToolNameConstraint`); arguments stay free."""
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
 
@@ -180,7 +184,49 @@ class ChatLayerRoute(BaseChatModel):
         """
         formatted = [convert_to_openai_tool(tool) for tool in tools]
         names = [tool["function"]["name"] for tool in formatted]
-        return super().bind(tools=formatted, tool_choice=_normalize_tool_choice(tool_choice, names), **kwargs)
+        return super().bind(tools=formatted, tool_choice=normalize_tool_choice(tool_choice, names), **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | BaseModel]:
+        """Answers parsed into ``schema`` (a pydantic class, TypedDict, JSON schema or OpenAI tool schema).
+
+        ``method``: ``"json_schema"`` (default) constrains the answer to JSON valid under the schema;
+        ``"function_calling"`` forces a call of a tool whose parameters are the schema, constrained the same way;
+        ``"json_mode"`` constrains it to some JSON object, the prompt saying which (the schema is only used to parse).
+        With ``include_raw`` the result is ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}``.
+        """
+        kwargs.pop("strict", None)  # answers are always held to the schema
+        if kwargs:
+            raise ValueError(f"unsupported arguments {sorted(kwargs)}")
+        pydantic_schema = isinstance(schema, type) and issubclass(schema, BaseModel)
+        if method == "function_calling":
+            tool = convert_to_openai_tool(schema)
+            name = tool["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format={
+                "kwargs": {"method": method}, "schema": tool})
+            parser: Runnable = (PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic_schema
+                                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+        elif method in ("json_schema", "json_mode"):
+            json_schema = convert_to_json_schema(schema)
+            response_format = ({"type": "json_object"} if method == "json_mode" else
+                               {"type": "json_schema", "json_schema": {"name": json_schema.get("title", "answer"),
+                                                                       "schema": json_schema}})
+            llm = self.bind(response_format=response_format, ls_structured_output_format={
+                "kwargs": {"method": method}, "schema": json_schema})
+            parser = PydanticOutputParser(pydantic_object=schema) if pydantic_schema else JsonOutputParser()
+        else:
+            raise ValueError(f"unknown method {method!r}; use 'json_schema', 'function_calling' or 'json_mode'")
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([unparsed], exception_key="parsing_error")
 
     # ------------------------------------------------------------------ generation
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> dict:
@@ -189,18 +235,20 @@ class ChatLayerRoute(BaseChatModel):
                              f"for {kwargs['model']!r}")
         runtime = self._load()
         tools = kwargs.get("tools") or []
-        tool_choice = kwargs.get("tool_choice")
-        if tool_choice is not None and not isinstance(tool_choice, tuple):
-            tool_choice = _normalize_tool_choice(tool_choice, [t["function"]["name"] for t in tools])
+        tool_choice = normalize_tool_choice(kwargs.get("tool_choice"), [t["function"]["name"] for t in tools])
         canonical = [_to_openai_message(message) for message in messages]
         visible_tools = [] if tool_choice == ("none",) else tools
+        grammar = None
+        if kwargs.get("response_format"):
+            if visible_tools:
+                raise ValueError("response_format and bound tools cannot be combined; use tool_choice='none' or "
+                                 "with_structured_output(method='function_calling')")
+            grammar, instruction = _response_grammar(runtime.grammars(), kwargs["response_format"])
+            canonical = _with_instruction(canonical, instruction)
+        elif tools:
+            grammar = runtime.grammars().tool_calls(visible_tools, tool_choice)
         prompt = render_chat(runtime.tokenizer, canonical, visible_tools, add_generation_prompt=True)
-        forced_prefix = ""
-        if tool_choice and tool_choice[0] == "required":
-            forced_prefix = "<tool_call>\n"
-        elif tool_choice and tool_choice[0] == "name":
-            forced_prefix = '<tool_call>\n{"name": ' + json.dumps(tool_choice[1]) + ', "arguments": '
-        inputs = runtime.tokenizer(prompt + forced_prefix, return_tensors="pt", add_special_tokens=False)
+        inputs = runtime.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         stop = list(stop or kwargs.get("stop") or self.stop or [])
         generate_kwargs: dict[str, Any] = {
             "max_new_tokens": kwargs.get("max_tokens", self.max_tokens),
@@ -215,15 +263,12 @@ class ChatLayerRoute(BaseChatModel):
             generate_kwargs.update(stop_strings=stop, tokenizer=runtime.tokenizer)
         if self.timeout:
             generate_kwargs["max_time"] = self.timeout
-        pieces = runtime.token_pieces() if visible_tools and self.constrain_tool_names else None
-        if pieces is not None:
-            names = [tool["function"]["name"] for tool in visible_tools]
-            generate_kwargs["logits_processor"] = LogitsProcessorList([ToolNameConstraint(
-                pieces, runtime.tokenizer, names, inputs.input_ids.shape[1], forced_prefix)])
+        if grammar is not None:
+            generate_kwargs["logits_processor"] = LogitsProcessorList([DecodingGrammars.processor(grammar)])
         device = runtime.model.device
         return {"runtime": runtime, "input_ids": inputs.input_ids.to(device),
                 "attention_mask": inputs.attention_mask.to(device), "generate_kwargs": generate_kwargs,
-                "forced_prefix": forced_prefix, "stop": stop, "seed": kwargs.get("seed", self.seed)}
+                "stop": stop, "seed": kwargs.get("seed", self.seed)}
 
     def _run(self, prepared: dict, streamer=None) -> tuple[torch.Tensor, Any, float]:
         runtime = prepared["runtime"]
@@ -244,7 +289,7 @@ class ChatLayerRoute(BaseChatModel):
     def _finish(self, prepared: dict, sequences: torch.Tensor, route, latency: float) -> AIMessage:
         runtime = prepared["runtime"]
         new_tokens = sequences[0, prepared["input_ids"].shape[1]:]
-        text = prepared["forced_prefix"] + runtime.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        text = runtime.tokenizer.decode(new_tokens, skip_special_tokens=True)
         text = _cut_at_stop(text, prepared["stop"])
         parsed = parse_tool_calls(text)
         tool_calls = [{"name": c.name, "args": c.arguments, "id": f"call_{uuid.uuid4().hex[:24]}",
@@ -312,7 +357,7 @@ class ChatLayerRoute(BaseChatModel):
         thread.start()
         # Prose streams as it arrives; once a tool call starts, text is held back and the parsed calls come at the
         # end, so no raw <tool_call> markup ever reaches the consumer.
-        emitted, holding = "", bool(prepared["forced_prefix"])
+        emitted, holding = "", False
         for piece in streamer:
             if holding:
                 continue
@@ -375,32 +420,26 @@ class ChatLayerRoute(BaseChatModel):
         await producer
 
 
-def _normalize_tool_choice(tool_choice, names: list[str]) -> tuple | None:
-    """``None`` / ``("none",)`` / ``("required",)`` / ``("name", NAME)``; a clear error for anything else."""
-    if tool_choice is None or tool_choice == "auto" or tool_choice is False:
-        return None
-    if isinstance(tool_choice, tuple):
-        return tool_choice
-    if tool_choice == "none":
-        return ("none",)
-    if tool_choice in ("any", "required") or tool_choice is True:
-        if not names:
-            raise ValueError(f"tool_choice={tool_choice!r} needs at least one bound tool")
-        return ("required",) if len(names) > 1 else ("name", names[0])
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
-        if not isinstance(name, str):
-            raise ValueError(f"tool_choice dict must name a function, got {tool_choice!r}")
-        tool_choice = name
-    if isinstance(tool_choice, str):
-        if tool_choice not in names:
-            raise ValueError(
-                f"tool_choice={tool_choice!r} is neither one of {TOOL_CHOICE_KEYWORDS} nor a bound tool "
-                f"(bound: {names})"
-            )
-        return ("name", tool_choice)
-    raise ValueError(f"unsupported tool_choice {tool_choice!r}; use one of {TOOL_CHOICE_KEYWORDS}, a tool name or "
-                     "{'type': 'function', 'function': {'name': ...}}")
+def _response_grammar(grammars: DecodingGrammars, response_format: dict):
+    """The grammar and the prompt instruction of an OpenAI ``response_format`` (``json_schema`` or
+    ``json_object``)."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+        return grammars.json_schema(schema), JSON_SCHEMA_INSTRUCTION.format(schema=json.dumps(schema))
+    if kind == "json_object":
+        return grammars.json_object(), JSON_OBJECT_INSTRUCTION
+    raise ValueError(f"unsupported response_format {response_format!r}; use {{'type': 'json_schema', "
+                     "'json_schema': {'name': ..., 'schema': {...}}} or {'type': 'json_object'}")
+
+
+def _with_instruction(messages: list[dict], instruction: str) -> list[dict]:
+    """``messages`` with ``instruction`` at the end of the system prompt (a system prompt of its own if none)."""
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{instruction}".strip()}, *messages[1:]]
+    return [{"role": "system", "content": instruction}, *messages]
 
 
 def _to_openai_message(message: BaseMessage) -> dict:

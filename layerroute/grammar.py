@@ -1,0 +1,122 @@
+"""Constrained decoding: tool calls that are valid under the bound tools' JSON schemas, and JSON answers.
+
+Grammars are built and enforced by xgrammar (https://github.com/mlc-ai/xgrammar); this module only maps LayerRoute's
+tool-call form onto it. Tool calls use the Hermes / Qwen ``<tool_call>`` form that :mod:`layerroute.steps` renders
+and :func:`layerroute.toolcalls.parse_tool_calls` reads::
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Oslo"}}
+    </tool_call>
+
+Inside a ``<tool_call>`` block only a bound tool's name may follow, and its ``arguments`` must be a JSON object valid
+under that tool's parameter schema (required keys, types, enums), its keys in the schema's order. Outside the blocks the
+text is free, except where ``tool_choice`` says otherwise:
+
+- ``None`` (auto): prose, calls, or both;
+- ``("none",)``: prose only, a ``<tool_call>`` tag can never be written;
+- ``("required",)``: at least one call;
+- ``("name", NAME)``: exactly one call, of that tool.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from functools import lru_cache
+
+import xgrammar as xgr
+from transformers import LogitsProcessor
+from xgrammar.contrib.hf import LogitsProcessor as GrammarLogitsProcessor
+from xgrammar.structural_tag import AnyTextFormat
+
+logger = logging.getLogger(__name__)
+
+# The Hermes tool-call layout (<tool_call>\n{"name": "...", "arguments": {...}}\n</tool_call>) is xgrammar's
+# "qwen_3" model format with the reasoning block disabled.
+TOOL_CALL_FORMAT = "qwen_3"
+TOOL_CALL_TAG = "<tool_call>"
+# JSON whitespace runs are capped: small models can otherwise emit whitespace until max_tokens, and the JSON both
+# chat renderings train on (json.dumps) never has more than one space in a row outside strings.
+MAX_JSON_WHITESPACE = 2
+_ENGINE_LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")  # "[12:00:00] /project/cpp/x.cc:42: " before messages
+
+
+class DecodingGrammars:
+    """Compiles grammars for one tokenizer, and makes the logits processors that enforce them in ``generate``.
+
+    Compiled grammars are cached (by tools, tool choice or schema), so a recurring request compiles once. Thread-safe.
+
+    Args:
+        tokenizer: the model's Hugging Face tokenizer.
+        vocab_size: rows of the model's LM head (may exceed ``len(tokenizer)`` through padding).
+    """
+
+    def __init__(self, tokenizer, vocab_size: int) -> None:
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self._compiler = xgr.GrammarCompiler(info)
+        self._lock = threading.Lock()
+        self._tool_calls = lru_cache(maxsize=256)(self._compile_tool_calls)
+        self._json_schema = lru_cache(maxsize=256)(self._compile_json_schema)
+
+    def tool_calls(self, tools: list[dict], tool_choice: tuple | None) -> xgr.CompiledGrammar:
+        """The grammar of an answer with ``tools`` bound (OpenAI function tools) under a normalised ``tool_choice``
+        (see :func:`layerroute.toolcalls.normalize_tool_choice`).
+
+        A tool whose parameter schema xgrammar cannot compile keeps its name constrained but its arguments free (any
+        JSON object), with a warning naming the tool and the reason; a call never fails on a schema.
+        """
+        return self._tool_calls(json.dumps(tools, sort_keys=True), tool_choice)
+
+    def json_schema(self, schema: dict) -> xgr.CompiledGrammar:
+        """The grammar of a JSON value valid under ``schema``; a ``ValueError`` names what the engine rejects."""
+        return self._json_schema(json.dumps(schema, sort_keys=True))
+
+    def json_object(self) -> xgr.CompiledGrammar:
+        """The grammar of any JSON value (OpenAI's ``json_object`` response format)."""
+        with self._lock:
+            return self._compiler.compile_builtin_json_grammar()
+
+    @staticmethod
+    def processor(grammar: xgr.CompiledGrammar) -> LogitsProcessor:
+        """A fresh logits processor enforcing ``grammar`` on every row of one ``generate`` call (it holds each row's
+        parse state, so it serves exactly one call)."""
+        return GrammarLogitsProcessor(grammar)
+
+    # ------------------------------------------------------------------ compilation (cached)
+    def _compile_tool_calls(self, tools_json: str, tool_choice: tuple | None) -> xgr.CompiledGrammar:
+        if tool_choice == ("none",):
+            tag = xgr.StructuralTag(format=AnyTextFormat(excludes=[TOOL_CALL_TAG]))
+        else:
+            tools = [self._constrainable(tool) for tool in json.loads(tools_json)]
+            choice = ("auto" if tool_choice is None else "required" if tool_choice == ("required",)
+                      else {"type": "function", "function": {"name": tool_choice[1]}})
+            tag = xgr.get_model_structural_tag(TOOL_CALL_FORMAT, tools=tools, tool_choice=choice,
+                                               reasoning="disabled", max_whitespace_cnt=MAX_JSON_WHITESPACE)
+        with self._lock:
+            return self._compiler.compile_structural_tag(tag)
+
+    def _compile_json_schema(self, schema_json: str) -> xgr.CompiledGrammar:
+        try:
+            with self._lock:
+                return self._compiler.compile_json_schema(schema_json, max_whitespace_cnt=MAX_JSON_WHITESPACE)
+        except RuntimeError as error:
+            raise ValueError(f"the grammar engine cannot compile this JSON schema: {_reason(error)}") from None
+
+    def _constrainable(self, tool: dict) -> dict:
+        """``tool`` as xgrammar's tool-call builder takes it: a schema it cannot compile becomes "any JSON object",
+        and ``strict`` is removed, since xgrammar reads ``strict: false`` as "do not constrain"."""
+        function = {key: value for key, value in tool["function"].items() if key != "strict"}
+        parameters = function.get("parameters")
+        if parameters is not None:
+            try:
+                self._json_schema(json.dumps(parameters, sort_keys=True))
+            except ValueError as error:
+                logger.warning("tool %r: %s; its arguments are not constrained", function["name"], error)
+                function["parameters"] = {"type": "object"}
+        return {"type": "function", "function": function}
+
+
+def _reason(error: Exception) -> str:
+    return _ENGINE_LOCATION.sub("", str(error).strip().splitlines()[0] if str(error).strip() else repr(error))
