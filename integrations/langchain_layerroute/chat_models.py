@@ -31,6 +31,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from transformers import LogitsProcessorList, TextIteratorStreamer
 
@@ -204,7 +205,7 @@ class ChatLayerRoute(BaseChatModel):
         kwargs.pop("strict", None)  # answers are always held to the schema
         if kwargs:
             raise ValueError(f"unsupported arguments {sorted(kwargs)}")
-        pydantic_schema = isinstance(schema, type) and issubclass(schema, BaseModel)
+        pydantic_schema = is_basemodel_subclass(schema)  # pydantic v2 or v1
         if method == "function_calling":
             tool = convert_to_openai_tool(schema)
             name = tool["function"]["name"]
