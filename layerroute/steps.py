@@ -26,6 +26,7 @@ class Step:
         tools: the tool schemas available to the agent.
         target: the assistant message to produce.
         step_type: ``"tool_call"`` or ``"planning"``.
+        source: the data set of the trace (:attr:`Trace.source`), for per-source reports.
     """
 
     trace_id: str
@@ -34,6 +35,7 @@ class Step:
     tools: list[dict]
     target: dict
     step_type: str
+    source: str = "unknown"
 
 
 def step_type(message: dict) -> str:
@@ -45,7 +47,8 @@ def trace_steps(trace: Trace) -> list[Step]:
     for position, message in enumerate(trace.messages):
         if message["role"] == "assistant":
             steps.append(
-                Step(trace.id, len(steps), trace.messages[:position], trace.tools, message, step_type(message))
+                Step(trace.id, len(steps), trace.messages[:position], trace.tools, message, step_type(message),
+                     trace.source)
             )
     return steps
 
@@ -153,12 +156,14 @@ class TokenizedStep:
         context_ids: the rendered context ending with the assistant prompt, left-truncated to the budget.
         target_ids: the assistant message as the model must produce it (end-of-turn token included).
         step_type: kept for evaluation and reports only.
+        source: the data set of the trace, kept for per-source reports only.
     """
 
     context_ids: list[int]
     target_ids: list[int]
     step_type: str
     trace_id: str
+    source: str = "unknown"
 
 
 def tokenize_step(step: Step, tokenizer, max_context_tokens: int = 1024, max_target_tokens: int = 256) -> TokenizedStep:
@@ -185,4 +190,4 @@ def tokenize_step(step: Step, tokenizer, max_context_tokens: int = 1024, max_tar
                 f"tokens, more than the context budget of {max_context_tokens}"
             )
         context_ids = head_ids + context_ids[-keep:]
-    return TokenizedStep(context_ids, target_ids, step.step_type, step.trace_id)
+    return TokenizedStep(context_ids, target_ids, step.step_type, step.trace_id, step.source)

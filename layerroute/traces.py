@@ -1,14 +1,16 @@
 """Agent logs in, canonical traces out.
 
 Every reader turns one record of a log format into a :class:`Trace` in the canonical OpenAI chat-completions form
-of DESIGN.md: ``{"id", "tools": [...], "messages": [...]}``, assistant messages carrying ``tool_calls`` (arguments as
-a JSON string) and ``tool`` messages carrying ``tool_call_id`` and ``name``.
+of DESIGN.md: ``{"id", "source", "tools": [...], "messages": [...]}``, assistant messages carrying ``tool_calls``
+(arguments as a JSON string) and ``tool`` messages carrying ``tool_call_id`` and ``name``. ``source`` names the data
+set a trace comes from (read from the ``openai`` form's ``source`` field; ``"unknown"`` when a record has none).
 
 Formats (detected per file from its first record, or forced with ``format=``):
 
 - ``openai``: the canonical form itself (``messages``, optional ``tools``).
 - ``sharegpt``: ShareGPT / Hermes function calling (``conversations`` of ``from`` / ``value``; tools in the system
-  prompt inside ``<tools>``; ``<tool_call>`` and ``<tool_response>`` tags).
+  prompt inside ``<tools>``; ``<tool_call>`` and ``<tool_response>`` tags), and LLaMA-Factory's ShareGPT variant
+  (``function_call`` / ``observation`` turns, tools as a JSON list in a ``tools`` field).
 - ``glaive``: Glaive function-calling v2 (``system`` + ``chat`` text with ``USER:``, ``ASSISTANT:``,
   ``<functioncall>``, ``FUNCTION RESPONSE:``).
 - ``gsm8k``: ``{question, answer}`` records (one planning step each).
@@ -46,9 +48,10 @@ class Trace:
     id: str
     messages: list[dict]
     tools: list[dict] = field(default_factory=list)
+    source: str = "unknown"
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "tools": self.tools, "messages": self.messages}
+        return {"id": self.id, "source": self.source, "tools": self.tools, "messages": self.messages}
 
 
 @dataclass
@@ -130,7 +133,9 @@ def validate_messages(messages) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- format readers
 def read_openai(record: dict, record_id: str) -> Trace:
     tools = [normalize_tool(t) for t in record.get("tools") or []]
-    return Trace(str(record.get("id", record_id)), validate_messages(record.get("messages")), tools)
+    source = record.get("source")
+    source = source if isinstance(source, str) and source else "unknown"
+    return Trace(str(record.get("id", record_id)), validate_messages(record.get("messages")), tools, source)
 
 
 TOOLS_BLOCK = re.compile(r"<tools>(.*?)</tools>", re.S)
@@ -170,8 +175,13 @@ def read_sharegpt(record: dict, record_id: str) -> Trace:
     if not isinstance(turns, list) or not turns:
         raise RecordError("`conversations` must be a non-empty list")
     roles = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-             "tool": "tool", "function_response": "tool", "observation": "tool"}
-    messages, tools, pending_calls = [], [], []
+             "function_call": "function_call", "tool": "tool", "function_response": "tool", "observation": "tool"}
+    listed = record.get("tools") or []  # LLaMA-Factory keeps the tools beside the turns, as a JSON string
+    if isinstance(listed, str):
+        listed = parse_loose_json(listed) if listed.strip() else []
+    if not isinstance(listed, list):
+        raise RecordError("`tools` must be a list of tool schemas (or a JSON string holding one)")
+    messages, tools, pending_calls = [], [normalize_tool(t) for t in listed], []
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict) or turn.get("from") not in roles or not isinstance(turn.get("value"), str):
             raise RecordError(f"conversation turn {index} needs `from` in {sorted(roles)} and a string `value`")
@@ -192,19 +202,30 @@ def read_sharegpt(record: dict, record_id: str) -> Trace:
                 message["tool_calls"] = calls
             pending_calls = list(calls)
             messages.append(message)
+        elif role == "function_call":  # LLaMA-Factory: the call (or a list of parallel calls) as JSON
+            value = parse_loose_json(value)
+            calls = []
+            for number, call in enumerate(value if isinstance(value, list) else [value]):
+                if not isinstance(call, dict):
+                    raise RecordError(f"turn {index}: a function_call must hold an object or a list of objects")
+                calls.append(tool_call(call.get("name"), call.get("arguments", {}), f"call_{index}_{number}"))
+            pending_calls = list(calls)
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
         elif role == "tool":
             responses = TOOL_RESPONSE_TAG.findall(value) or [value]
             for response in responses:
                 call = pending_calls.pop(0) if pending_calls else None
-                try:
-                    name = (json.loads(response) or {}).get("name", "") if response.strip().startswith("{") else ""
-                except (json.JSONDecodeError, AttributeError):
-                    name = ""
+                name = call["function"]["name"] if call else ""
+                if not name:  # no call to answer: Hermes responses may name the function themselves
+                    try:
+                        name = (json.loads(response) or {}).get("name", "") if response.strip().startswith("{") else ""
+                    except (json.JSONDecodeError, AttributeError):
+                        name = ""
                 messages.append({
                     "role": "tool",
                     "content": response.strip(),
                     "tool_call_id": call["id"] if call else "",
-                    "name": name or (call["function"]["name"] if call else ""),
+                    "name": name if isinstance(name, str) else "",
                 })
         else:
             messages.append({"role": "user", "content": value})

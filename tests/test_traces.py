@@ -166,3 +166,69 @@ def test_public_dataset_name_without_a_hub_fails_clearly():
 
     with pytest.raises(OSError, match="could not load dataset 'glaiveai/glaive-function-calling-v2'.*offline"):
         read_sources(["glaiveai/glaive-function-calling-v2"])
+
+
+class CharTokenizer:
+    """A template-less tokenizer (one id per character), enough to run tokenize_step without a model."""
+
+    chat_template = ""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=[ord(c) for c in text])
+
+
+def test_trace_source_is_kept_through_steps_and_tokenized_steps(tmp_path):
+    (first, _) = only_trace("openai.jsonl")
+    record = {**first.to_dict(), "source": "complexfuncbench"}
+    path = tmp_path / "with_source.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (trace,) = read_traces(path).traces
+    assert trace.source == "complexfuncbench"
+    assert trace.to_dict()["source"] == "complexfuncbench"
+    steps = trace_steps(trace)
+    assert [s.source for s in steps] == ["complexfuncbench", "complexfuncbench"]
+    assert tokenize_step(steps[1], CharTokenizer()).source == "complexfuncbench"
+
+
+def test_missing_source_becomes_unknown(tmp_path):
+    from layerroute.steps import TokenizedStep
+
+    traces = only_trace("openai.jsonl") + only_trace("glaive.jsonl")  # neither file names a source
+    assert {t.source for t in traces} == {"unknown"}
+    assert all(t.to_dict()["source"] == "unknown" for t in traces)
+    path = tmp_path / "odd_sources.jsonl"
+    path.write_text("".join(json.dumps({**traces[0].to_dict(), "id": str(i), "source": value}) + "\n"
+                            for i, value in enumerate([None, "", 7])))
+    result = read_traces(path)
+    assert [t.source for t in result.traces] == ["unknown"] * 3  # never dropped, never an error
+    assert {s.source for s in trace_steps(traces[0])} == {"unknown"}
+    assert TokenizedStep([1], [2], "planning", "t").source == "unknown"  # older constructors keep working
+
+
+def test_llamafactory_sharegpt_function_call_and_observation(tmp_path):
+    record = {
+        "conversations": [
+            {"from": "human", "value": "Find me a pasta recipe."},
+            {"from": "function_call", "value": '{"name": "search_recipes", "arguments": {"query": "pasta"}}'},
+            {"from": "observation", "value": '{"name": "Pasta al pomodoro", "minutes": 20}'},
+            {"from": "gpt", "value": "Try pasta al pomodoro: 20 minutes."},
+        ],
+        "tools": '[{"name": "search_recipes", "description": "Search recipes", "parameters": {"type": "object", '
+                 '"properties": {"query": {"type": "string"}}, "required": ["query"]}}]',
+    }
+    path = tmp_path / "llamafactory.json"
+    path.write_text(json.dumps([record]))
+    (trace,) = read_traces(path).traces
+    assert trace.tools[0]["function"]["name"] == "search_recipes"
+    assert [m["role"] for m in trace.messages] == ["user", "assistant", "tool", "assistant"]
+    call = trace.messages[1]["tool_calls"][0]
+    assert json.loads(call["function"]["arguments"]) == {"query": "pasta"}
+    tool = trace.messages[2]
+    assert tool["tool_call_id"] == call["id"] and tool["name"] == "search_recipes"  # not the result's "name"
+    assert [s.step_type for s in trace_steps(trace)] == ["tool_call", "planning"]

