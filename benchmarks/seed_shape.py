@@ -81,7 +81,8 @@ def main() -> int:
                         "--report-steps", "40", *args.finetune_args.split()], check=True)
     subprocess.run([sys.executable, str(ROOT / "training" / "evaluate.py"), "--adapter", str(args.output),
                     "--model", str(gguf), "--max-steps", str(args.eval_steps),
-                    "--generation-steps", str(args.generation_steps), "--timing-steps", "3"], check=True)
+                    "--generation-steps", str(args.generation_steps),
+                    "--baseline-generation-steps", str(args.generation_steps), "--timing-steps", "3"], check=True)
     print((args.output / "evaluation.md").read_text())
     return 0
 

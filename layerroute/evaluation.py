@@ -1,4 +1,5 @@
-"""Held-out evaluation: skip rates, FLOPs and perplexity per step type, tool-call exact match, wall-clock.
+"""Held-out evaluation: skip rates, FLOPs and perplexity per step type, agent quality of generated steps (valid calls,
+tool names, arguments as BFCL compares them, answers after tool results), wall-clock.
 
 Step types are read here, after training, to prove the differential emerged; they never reach training.
 """
@@ -7,19 +8,23 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
 from .flops import step_route_stats
 from .model import LayerRouteModel
 from .steps import STEP_TYPES, TokenizedStep
-from .toolcalls import calls_match, parse_tool_calls
+from .grammar import DecodingGrammars
+from .steps import Step
+from .toolcalls import parse_tool_calls, score_calls
 
 
 @torch.no_grad()
@@ -81,20 +86,117 @@ def perplexity_by_type(model: LayerRouteModel, examples: list[TokenizedStep], fo
     return {kind: math.exp(nll / count) for kind, (nll, count) in totals.items() if count}
 
 
+def answers_after_tool_results(step: Step) -> bool:
+    """Whether ``step`` is a planning step written right after a tool result (an agent's final answer)."""
+    return step.step_type == "planning" and bool(step.context) and step.context[-1]["role"] == "tool"
+
+
 @torch.no_grad()
-def tool_call_exact_match(model: LayerRouteModel, tokenizer, examples: list[TokenizedStep], references: list[list],
-                          forced_skip=None, lora: bool = True) -> dict:
-    """Greedy-generate each tool-call step; a match is the same function names and arguments as the reference."""
+def agent_quality(model: LayerRouteModel, tokenizer, grammars: DecodingGrammars,
+                  cases: list[tuple[Step, TokenizedStep]], forced_skip=None, lora: bool = True,
+                  extra_tokens: int = 32) -> list[dict]:
+    """Greedy-generate each step as an agent would, with its tools bound and tool calls grammar-constrained
+    (:mod:`layerroute.grammar`, ``tool_choice`` auto), and score what was generated.
+
+    Tool-call steps get :func:`layerroute.toolcalls.score_calls` against the reference calls (``valid``,
+    ``names_correct``, ``arguments_correct``); answers after tool results get ``answer_f1`` (token F1 against the
+    reference answer) and ``final_number_correct`` (the last number of the answer equals the reference's, when the
+    reference has one). Each step may generate its reference's length plus ``extra_tokens``.
+
+    Returns one record per case, in order, so two models' records pair up step by step.
+    """
     model.eval()
-    hits = 0
-    for example, reference in tqdm(list(zip(examples, references)), desc="tool-call exact match", leave=False):
+    records = []
+    for step, example in tqdm(cases, desc="agent quality", leave=False):
         ids = torch.tensor([example.context_ids], device=model.device)
+        processor = DecodingGrammars.processor(grammars.tool_calls(step.tools, None)) if step.tools else None
         with nullcontext() if lora else model.lora_disabled():
             out = model.generate(ids, forced_skip=forced_skip, do_sample=False,
-                                 max_new_tokens=len(example.target_ids) + 16, pad_token_id=tokenizer.pad_token_id)
+                                 max_new_tokens=len(example.target_ids) + extra_tokens,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 logits_processor=LogitsProcessorList([processor] if processor else []))
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        hits += calls_match(parse_tool_calls(text).tool_calls, reference)
-    return {"steps": len(examples), "exact_match": hits / max(len(examples), 1)}
+        parsed = parse_tool_calls(text)
+        record = {"trace_id": step.trace_id, "index": step.index, "source": step.source,
+                  "step_type": step.step_type, "flops_skipped_frac": model.last_route.flops_skipped_frac}
+        if step.step_type == "tool_call":
+            score = score_calls(parsed, step.target["tool_calls"], step.tools)
+            record.update(valid=score.valid, names_correct=score.names_correct,
+                          arguments_correct=score.arguments_correct, error=score.error)
+        else:
+            reference = step.target.get("content") or ""
+            record.update(called_a_tool=bool(parsed.tool_calls or parsed.invalid_tool_calls),
+                          answer_f1=token_f1(parsed.content, reference))
+            expected = _last_number(reference)
+            if expected is not None:
+                record["final_number_correct"] = _last_number(parsed.content) == expected
+        records.append(record)
+    return records
+
+
+QUALITY_RATES = ("valid", "names_correct", "arguments_correct", "final_number_correct")
+
+
+def quality_summary(records: list[dict]) -> dict:
+    """Per metric: the rate over the steps that have it, its 95% Wilson interval and the step count; the mean answer
+    token F1 with its standard error."""
+    summary = {}
+    for key in QUALITY_RATES:
+        values = [r[key] for r in records if key in r]
+        if values:
+            low, high = wilson_interval(sum(values), len(values))
+            summary[key] = {"rate": sum(values) / len(values), "ci95": [low, high], "steps": len(values)}
+    f1 = [r["answer_f1"] for r in records if "answer_f1" in r]
+    if f1:
+        spread = statistics.stdev(f1) / math.sqrt(len(f1)) if len(f1) > 1 else 0.0
+        summary["answer_f1"] = {"mean": statistics.fmean(f1), "stderr": spread, "steps": len(f1)}
+    return summary
+
+
+def paired_difference(first: list[dict], second: list[dict], key: str) -> dict | None:
+    """How two models' records of the same steps differ on the yes/no metric ``key``: the steps only the first got
+    right, only the second, and the difference in points (second minus first) with its 95% interval for paired
+    proportions. ``None`` when no step has the metric."""
+    pairs = [(a[key], b[key]) for a, b in zip(first, second, strict=True) if key in a and key in b]
+    if not pairs:
+        return None
+    first_only = sum(a and not b for a, b in pairs)
+    second_only = sum(b and not a for a, b in pairs)
+    n = len(pairs)
+    difference = (second_only - first_only) / n
+    spread = 1.96 * math.sqrt(max(first_only + second_only - n * difference**2, 0.0)) / n
+    return {"steps": n, "first_only": first_only, "second_only": second_only,
+            "difference_points": 100 * difference,
+            "ci95_points": [100 * (difference - spread), 100 * (difference + spread)]}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% by default)."""
+    if n == 0:
+        return (0.0, 1.0)
+    rate = successes / n
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+_WORD = re.compile(r"\w+")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1 on lower-cased words."""
+    predicted, wanted = Counter(_WORD.findall(prediction.lower())), Counter(_WORD.findall(reference.lower()))
+    common = sum((predicted & wanted).values())
+    if common == 0:
+        return float(predicted == wanted)  # both empty: 1.0
+    precision, recall = common / sum(predicted.values()), common / sum(wanted.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def _last_number(text: str) -> float | None:
+    numbers = _NUMBER.findall(text)
+    return float(numbers[-1].replace(",", "")) if numbers else None
 
 
 @torch.no_grad()

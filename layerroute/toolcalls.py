@@ -143,7 +143,7 @@ def score_calls(parsed: ParsedOutput, reference: list[dict], tools: list[dict]) 
     if not names_correct:
         got = ", ".join(c.name for c in generated) or "no call"
         return CallScore(valid, False, False, f"called {got}; expected {', '.join(n for n, _ in wanted)}")
-    unmatched = list(generated)
+    unmatched, mismatches = list(generated), []
     for name, arguments in wanted:
         reasons = []
         for call in unmatched:
@@ -155,8 +155,8 @@ def score_calls(parsed: ParsedOutput, reference: list[dict], tools: list[dict]) 
                     break
                 reasons.append(reason)
         else:
-            return CallScore(valid, True, False, f"{name}: {'; '.join(reasons)}")
-    return CallScore(valid, True, True, None if valid else "; ".join(invalid))
+            mismatches.append(f"{name}: {'; '.join(reasons)}")
+    return CallScore(valid, True, not mismatches, "; ".join(invalid + mismatches) or None)
 
 
 def acceptable_values(reference_arguments: dict, schema: dict) -> dict[str, list]:

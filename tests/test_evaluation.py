@@ -35,10 +35,17 @@ def test_evaluate_reports_every_model_and_step_type(tiny_chat_dir, tmp_path, cap
     result = json.loads(capsys.readouterr().out)
     assert set(result["by_step_type"]) == {"tool_call", "planning"}
     for values in result["by_step_type"].values():
-        assert set(values["perplexity"]) == {"base", "layerroute", "lora_only", "static_pruning"}
+        assert set(values["perplexity"]) == {"base", "layerroute", "layerroute_full_depth", "lora_only",
+                                             "static_pruning"}
         assert values["flops_skipped_frac"] == 0.0  # fresh routers keep every block
-    assert set(result["tool_call_exact_match"]) == {"base", "layerroute", "layerroute_full_depth", "lora_only",
-                                                    "static_pruning"}
+    assert set(result["agent_quality"]) == {"base", "layerroute", "layerroute_full_depth", "lora_only",
+                                            "static_pruning"}
+    for summary in result["agent_quality"].values():
+        assert summary["valid"]["steps"] == summary["arguments_correct"]["steps"] == result["by_step_type"][
+            "tool_call"]["steps"]
+    # fresh routers keep every block: routed and full depth generate the same steps
+    assert all(p["first_only"] == p["second_only"] == 0 for p in result["routed_against_full_depth"].values())
+    assert set(result["by_source"]) >= {"unknown"}
     # one of three blocks deleted for every step, on both step types
     assert all(abs(v["layers_skipped_frac"] - 1 / 3) < 1e-9 and v["flops_skipped_frac"] > 0
                for v in result["static_pruning"].values())

@@ -1,12 +1,17 @@
-"""Evaluate a LayerRoute adapter on held-out agent steps, per step type.
+"""Evaluate a LayerRoute adapter on held-out agent steps, per step type and per source.
 
     python training/evaluate.py --adapter runs/default --data training/data/corpus/test.jsonl.gz \\
         --lora-only runs/lora-only --static-pruning runs/static
 
-Prints JSON on stdout and writes evaluation.md beside the adapter: per step type the number of steps, mean blocks
-skipped, FLOP-skip fraction, perplexity of the frozen base, of LayerRoute (routing on), of a LoRA-only adapter and of
-a static-pruning adapter trained with the same budget; tool-call exact match for each; measured wall-clock per step
-against the full model (same adapter and LoRA, every block running), per step type.
+Prints JSON on stdout and writes evaluation.md beside the adapter:
+- routing: per step type and per source, steps, mean blocks skipped and the FLOP-skip fraction;
+- perplexity of the frozen base, of LayerRoute routed, of the same adapter at full depth (every block running: the
+  difference to routed is what skipping costs) and of the LoRA-only and static-pruning adapters when given;
+- agent quality of generated steps, tools bound and calls grammar-constrained: valid-call rate, tool-name accuracy,
+  argument match (BFCL's AST rules), and for answers after tool results token F1 and the final number; each with
+  its 95% interval, and routed against full depth step by step (steps only one of them got right);
+- measured wall-clock per step against full depth, per step type;
+- how many steps did not fit ``--max-length``, per step type.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import copy
 import json
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,13 +29,18 @@ sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteModel, load_base_model  # noqa: E402
 from layerroute.evaluation import (  # noqa: E402
+    QUALITY_RATES,
+    agent_quality,
+    answers_after_tool_results,
+    paired_difference,
     perplexity_by_type,
+    quality_summary,
     routing_report,
-    tool_call_exact_match,
     wall_clock_by_type,
 )
+from layerroute.grammar import DecodingGrammars  # noqa: E402
 from layerroute.model import ADAPTER_CONFIG  # noqa: E402
-from layerroute.steps import tokenize_step, trace_steps  # noqa: E402
+from layerroute.steps import STEP_TYPES, tokenize_step, trace_steps  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
 
 
@@ -40,10 +51,16 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-only", type=Path, default=None, help="adapter trained with --no-routing")
     parser.add_argument("--static-pruning", type=Path, default=None, help="adapter trained with --static-prune K")
     parser.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
-    parser.add_argument("--max-length", type=int, default=768)
+    parser.add_argument("--max-length", type=int, default=2048,
+                        help="context budget in tokens (real agents carry many tool schemas); longer steps are "
+                             "counted, not evaluated")
     parser.add_argument("--max-target-length", type=int, default=192)
     parser.add_argument("--max-steps", type=int, default=300, help="steps per type for skip and perplexity")
-    parser.add_argument("--generation-steps", type=int, default=40, help="tool-call steps to generate per model")
+    parser.add_argument("--generation-steps", type=int, default=200,
+                        help="tool-call steps (and as many answers after tool results) generated routed and at "
+                             "full depth")
+    parser.add_argument("--baseline-generation-steps", type=int, default=100,
+                        help="the same for the frozen base and the LoRA-only and static-pruning adapters")
     parser.add_argument("--timing-steps", type=int, default=8, help="steps per type timed routed vs full depth")
     parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -60,50 +77,65 @@ def main(argv=None) -> int:
     if not steps:
         raise SystemExit(f"no assistant steps in {args.data}")
     random.Random(args.seed).shuffle(steps)
-    examples, references, dropped = {"tool_call": [], "planning": []}, [], 0
+    cases: dict[str, list] = {kind: [] for kind in STEP_TYPES}
+    over_budget = Counter()
     for step in steps:
-        if len(examples[step.step_type]) >= args.max_steps:
+        if len(cases[step.step_type]) >= args.max_steps:
             continue
         try:
-            example = tokenize_step(step, tokenizer, args.max_length, args.max_target_length)
+            cases[step.step_type].append((step, tokenize_step(step, tokenizer, args.max_length,
+                                                              args.max_target_length)))
         except ValueError:
-            dropped += 1
-            continue
-        examples[step.step_type].append(example)
-        if step.step_type == "tool_call":
-            references.append(step.target["tool_calls"])
-    every = examples["tool_call"] + examples["planning"]
-    generation = examples["tool_call"][: args.generation_steps]
-    generation_refs = references[: args.generation_steps]
+            over_budget[step.step_type] += 1
+    every = [example for kind in STEP_TYPES for _, example in cases[kind]]
+    generated = cases["tool_call"][: args.generation_steps] + [
+        case for case in cases["planning"] if answers_after_tool_results(case[0])][: args.generation_steps]
+    for_baselines = (cases["tool_call"][: args.baseline_generation_steps]
+                     + [c for c in generated if c[0].step_type == "planning"][: args.baseline_generation_steps])
 
-    result = {"adapter": str(args.adapter), "data": args.data, "dropped_over_budget": dropped}
+    result = {"adapter": str(args.adapter), "data": args.data, "max_length": args.max_length,
+              "steps_over_max_length": {kind: over_budget.get(kind, 0) for kind in STEP_TYPES}}
     result.update(routing_report(model, every))
+    result["by_source"] = {source: report["by_step_type"] for source, report in
+                           ((source, routing_report(model, [e for e in every if e.source == source]))
+                            for source in sorted({e.source for e in every}))}
     by_type = result["by_step_type"]
     perplexities = {
         "base": perplexity_by_type(model, every, forced_skip=(), lora=False),
         "layerroute": perplexity_by_type(model, every),
+        "layerroute_full_depth": perplexity_by_type(model, every, forced_skip=()),
     }
-    matches = {
-        "base": tool_call_exact_match(model, tokenizer, generation, generation_refs, forced_skip=(), lora=False),
-        "layerroute": tool_call_exact_match(model, tokenizer, generation, generation_refs),
-        "layerroute_full_depth": tool_call_exact_match(model, tokenizer, generation, generation_refs, forced_skip=()),
+    grammars = DecodingGrammars(tokenizer, base.get_output_embeddings().weight.shape[0])
+    records = {
+        "layerroute": agent_quality(model, tokenizer, grammars, generated),
+        "layerroute_full_depth": agent_quality(model, tokenizer, grammars, generated, forced_skip=()),
+        "base": agent_quality(model, tokenizer, grammars, for_baselines, forced_skip=(), lora=False),
     }
     for name, (path, copy_of_base) in baselines.items():
         baseline = LayerRouteModel.from_pretrained(path, base_model=copy_of_base).eval()
         # LoRA-only never skips; static pruning skips through its constant routers
         forced_skip = () if name == "lora_only" else None
         perplexities[name] = perplexity_by_type(baseline, every, forced_skip=forced_skip)
-        matches[name] = tool_call_exact_match(baseline, tokenizer, generation, generation_refs, forced_skip=forced_skip)
+        records[name] = agent_quality(baseline, tokenizer, grammars, for_baselines, forced_skip=forced_skip)
         if name == "static_pruning":
             result["static_pruning"] = {kind: {k: v for k, v in values.items() if k != "block_skip_rate"}
                                         for kind, values in routing_report(baseline, every)["by_step_type"].items()}
     for kind in by_type:
         by_type[kind].pop("block_skip_rate")
         by_type[kind]["perplexity"] = {name: values.get(kind) for name, values in perplexities.items()}
-    result["tool_call_exact_match"] = {name: m["exact_match"] for name, m in matches.items()}
-    result["tool_call_steps_generated"] = len(generation)
+    for kinds in result["by_source"].values():
+        for values in kinds.values():
+            values.pop("block_skip_rate")
+    result["agent_quality"] = {name: quality_summary(r) for name, r in records.items()}
+    result["agent_quality_by_source"] = {
+        name: {source: quality_summary([r for r in records[name] if r["source"] == source])
+               for source in sorted({r["source"] for r in records[name]})}
+        for name in ("layerroute", "layerroute_full_depth")}
+    result["routed_against_full_depth"] = {
+        key: paired for key in QUALITY_RATES
+        if (paired := paired_difference(records["layerroute_full_depth"], records["layerroute"], key))}
     model.merge_lora()  # timed as served
-    timed = examples["tool_call"][: args.timing_steps] + examples["planning"][: args.timing_steps]
+    timed = [e for _, e in cases["tool_call"][: args.timing_steps] + cases["planning"][: args.timing_steps]]
     result["wall_clock_by_type"] = wall_clock_by_type(model, timed, args.timing_repeats)
     print(json.dumps(result, indent=2))
     write_markdown(args.adapter / "evaluation.md", result)
@@ -121,8 +153,27 @@ def write_markdown(path: Path, result: dict) -> None:
                      f"{values['flops_skipped_frac']:.1%} | {ppl} |")
     if "flops_skip_differential_points" in result:
         lines += ["", f"FLOP-skip differential: {result['flops_skip_differential_points']:.1f} points."]
-    lines += ["", f"Tool-call exact match over {result['tool_call_steps_generated']} generated steps: "
-              + ", ".join(f"{n} {v:.1%}" for n, v in result["tool_call_exact_match"].items()) + "."]
+    skipped = result["steps_over_max_length"]
+    lines += ["", f"Steps over the {result['max_length']}-token budget (not evaluated): "
+              + ", ".join(f"{kind} {count}" for kind, count in skipped.items()) + "."]
+    lines += ["", "| source | step type | steps | FLOPs skipped |", "|---|---|---|---|"]
+    for source, kinds in result["by_source"].items():
+        lines += [f"| {source} | {kind} | {v['steps']} | {v['flops_skipped_frac']:.1%} |" for kind, v in kinds.items()]
+    lines += ["", "Agent quality of generated steps (tools bound, calls grammar-constrained; 95% intervals):", "",
+              "| model | valid calls | right tool | right arguments | final number | answer F1 |",
+              "|---|---|---|---|---|---|"]
+    for name, summary in result["agent_quality"].items():
+        cells = [_rate(summary.get(key)) for key in ("valid", "names_correct", "arguments_correct",
+                                                    "final_number_correct")]
+        f1 = summary.get("answer_f1")
+        cells.append(f"{f1['mean']:.3f} ± {f1['stderr']:.3f} ({f1['steps']})" if f1 else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| routed against full depth | steps | only full depth right | only routed right | "
+                  "difference (points, 95% interval) |", "|---|---|---|---|---|"]
+    for key, paired in result["routed_against_full_depth"].items():
+        low, high = paired["ci95_points"]
+        lines.append(f"| {key} | {paired['steps']} | {paired['first_only']} | {paired['second_only']} | "
+                     f"{paired['difference_points']:+.1f} [{low:+.1f}, {high:+.1f}] |")
     if "static_pruning" in result:
         lines += ["", "Static pruning (same blocks deleted for every step): "
                   + ", ".join(f"{kind} {v['flops_skipped_frac']:.1%} of FLOPs skipped"
@@ -133,6 +184,13 @@ def write_markdown(path: Path, result: dict) -> None:
         lines.append(f"| {kind} | {clock['steps']} | {clock['routed_s']:.2f} | {clock['full_depth_s']:.2f} | "
                      f"{clock['time_saved_frac']:.1%} | {clock['flops_saved_frac']:.1%} |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _rate(summary: dict | None) -> str:
+    if not summary:
+        return "-"
+    low, high = summary["ci95"]
+    return f"{summary['rate']:.1%} [{low:.0%}, {high:.0%}] ({summary['steps']})"
 
 
 if __name__ == "__main__":
