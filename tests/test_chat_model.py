@@ -97,6 +97,23 @@ def test_invoke_carries_route_metadata_and_integer_usage(llm):
     assert llm.get_token_ids("hello world") == llm._load().tokenizer("hello world", add_special_tokens=False).input_ids
 
 
+def test_routing_off_runs_every_block(tiny_chat_dir):
+    llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=4)
+    for router in llm._load().model.routers:
+        torch.nn.init.constant_(router.proj.bias, -5.0)  # routers that skip every block
+    try:
+        assert llm.invoke("hi").response_metadata["layerroute"]["skipped_layers"] == [0, 1, 2]
+        assert llm.invoke("hi", routing="off").response_metadata["layerroute"]["skipped_layers"] == []
+        off = ChatLayerRoute(model=tiny_chat_dir, max_tokens=4, routing="off")
+        assert off.invoke("hi").response_metadata["layerroute"]["flops_skipped"] == 0
+        with pytest.raises(ValueError, match="routing must be"):
+            llm.invoke("hi", routing="sometimes")
+    finally:
+        for router in llm._load().model.routers:
+            torch.nn.init.zeros_(router.proj.weight)
+            torch.nn.init.constant_(router.proj.bias, llm._load().model.config.router_init_bias)
+
+
 def test_stream_puts_metadata_on_exactly_one_chunk(llm):
     chunks = list(llm.stream("Tell me a story"))
     with_route = [c for c in chunks if "layerroute" in c.response_metadata]

@@ -127,6 +127,9 @@ class ChatLayerRoute(BaseChatModel):
     streaming: bool = False
     device: str | None = None
     trust_remote_code: bool = False
+    routing: Literal["auto", "off"] = "auto"
+    """``"off"`` runs every block (the same adapter at full depth), for A/B comparisons against routing; also per
+    call (``invoke(..., routing="off")``)."""
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
 
@@ -266,8 +269,11 @@ class ChatLayerRoute(BaseChatModel):
             generate_kwargs["max_time"] = self.timeout
         if grammar is not None:
             generate_kwargs["logits_processor"] = LogitsProcessorList([DecodingGrammars.processor(grammar)])
+        routing = kwargs.get("routing", self.routing)
+        if routing not in ("auto", "off"):
+            raise ValueError(f"routing must be 'auto' or 'off', got {routing!r}")
         device = runtime.model.device
-        return {"runtime": runtime, "input_ids": inputs.input_ids.to(device),
+        return {"runtime": runtime, "input_ids": inputs.input_ids.to(device), "full_depth": routing == "off",
                 "attention_mask": inputs.attention_mask.to(device), "generate_kwargs": generate_kwargs,
                 "stop": stop, "seed": kwargs.get("seed", self.seed)}
 
@@ -277,6 +283,7 @@ class ChatLayerRoute(BaseChatModel):
 
         def call():
             return runtime.model.generate(prepared["input_ids"], prepared["attention_mask"], streamer=streamer,
+                                          forced_skip=() if prepared["full_depth"] else None,
                                           **prepared["generate_kwargs"])
 
         if prepared["seed"] is not None and prepared["generate_kwargs"].get("do_sample"):
