@@ -57,10 +57,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max-target-length", type=int, default=192)
     parser.add_argument("--max-steps", type=int, default=300, help="steps per type for skip and perplexity")
     parser.add_argument("--generation-steps", type=int, default=200,
-                        help="tool-call steps (and as many answers after tool results) generated routed and at "
-                             "full depth")
+                        help="tool-call steps generated routed and at full depth, taken from each source in turn")
+    parser.add_argument("--answer-steps", type=int, default=100,
+                        help="answers after tool results generated routed and at full depth")
     parser.add_argument("--baseline-generation-steps", type=int, default=100,
-                        help="the same for the frozen base and the LoRA-only and static-pruning adapters")
+                        help="tool-call steps (and at most as many answers) for the frozen base and the LoRA-only "
+                             "and static-pruning adapters")
     parser.add_argument("--timing-steps", type=int, default=8, help="steps per type timed routed vs full depth")
     parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -88,10 +90,10 @@ def main(argv=None) -> int:
         except ValueError:
             over_budget[step.step_type] += 1
     every = [example for kind in STEP_TYPES for _, example in cases[kind]]
-    generated = cases["tool_call"][: args.generation_steps] + [
-        case for case in cases["planning"] if answers_after_tool_results(case[0])][: args.generation_steps]
-    for_baselines = (cases["tool_call"][: args.baseline_generation_steps]
-                     + [c for c in generated if c[0].step_type == "planning"][: args.baseline_generation_steps])
+    answers = [case for case in cases["planning"] if answers_after_tool_results(case[0])]
+    generated = across_sources(cases["tool_call"], args.generation_steps) + across_sources(answers, args.answer_steps)
+    for_baselines = (across_sources(cases["tool_call"], args.baseline_generation_steps)
+                     + across_sources(answers, min(args.answer_steps, args.baseline_generation_steps)))
 
     result = {"adapter": str(args.adapter), "data": args.data, "max_length": args.max_length,
               "steps_over_max_length": {kind: over_budget.get(kind, 0) for kind in STEP_TYPES}}
@@ -140,6 +142,23 @@ def main(argv=None) -> int:
     print(json.dumps(result, indent=2))
     write_markdown(args.adapter / "evaluation.md", result)
     return 0
+
+
+def across_sources(cases: list, limit: int) -> list:
+    """Up to ``limit`` of ``cases``, taken from each source in turn, so a large source does not crowd out the others."""
+    by_source: dict[str, list] = {}
+    for case in cases:
+        by_source.setdefault(case[0].source, []).append(case)
+    queues = [iter(group) for _, group in sorted(by_source.items())]
+    chosen = []
+    while queues and len(chosen) < limit:
+        for queue in list(queues):
+            case = next(queue, None)
+            if case is None:
+                queues.remove(queue)
+            elif len(chosen) < limit:
+                chosen.append(case)
+    return chosen
 
 
 def write_markdown(path: Path, result: dict) -> None:
