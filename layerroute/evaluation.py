@@ -41,30 +41,41 @@ def step_routes(model: LayerRouteModel, example: TokenizedStep, forced_skip=None
 
 
 @torch.no_grad()
-def routing_report(model: LayerRouteModel, examples: list[TokenizedStep]) -> dict:
-    """Per step type: steps, mean fraction of blocks skipped, FLOP-skip fraction and per-block skip rate."""
+def routing_report(model: LayerRouteModel, examples: list[TokenizedStep], by_source: bool = False) -> dict:
+    """Per step type: steps, mean fraction of blocks skipped, FLOP-skip fraction and per-block skip rate; with
+    ``by_source``, the same per source and step type under ``"by_source"`` (per-block rates left out)."""
     model.eval()
-    per_type = defaultdict(list)
-    for example in tqdm(examples, desc="routes", leave=False):
-        per_type[example.step_type].append(step_routes(model, example))
-    by_type = {}
-    for kind in STEP_TYPES:
-        routes = per_type.get(kind, [])
-        if not routes:
-            continue
-        by_type[kind] = {
-            "steps": len(routes),
-            "layers_skipped_frac": statistics.fmean(r.layers_skipped_frac for r in routes),
-            "flops_skipped_frac": sum(r.flops_skipped for r in routes) / sum(r.flops_total for r in routes),
-            "block_skip_rate": [sum(i in r.skipped_layers for r in routes) / len(routes)
-                                for i in range(model.num_layers)],
-        }
+    routes = [step_routes(model, example) for example in tqdm(examples, desc="routes", leave=False)]
+    by_type = _route_summary([(e.step_type, r) for e, r in zip(examples, routes)], model.num_layers)
     report = {"by_step_type": by_type}
     if "tool_call" in by_type and "planning" in by_type:
         report["flops_skip_differential_points"] = 100 * (
             by_type["tool_call"]["flops_skipped_frac"] - by_type["planning"]["flops_skipped_frac"]
         )
+    if by_source:
+        report["by_source"] = {}
+        for source in sorted({e.source for e in examples}):
+            summary = _route_summary([(e.step_type, r) for e, r in zip(examples, routes) if e.source == source],
+                                     model.num_layers)
+            for values in summary.values():
+                values.pop("block_skip_rate")
+            report["by_source"][source] = summary
     return report
+
+
+def _route_summary(typed_routes: list, num_layers: int) -> dict:
+    per_type = defaultdict(list)
+    for kind, route in typed_routes:
+        per_type[kind].append(route)
+    return {
+        kind: {
+            "steps": len(routes),
+            "layers_skipped_frac": statistics.fmean(r.layers_skipped_frac for r in routes),
+            "flops_skipped_frac": sum(r.flops_skipped for r in routes) / sum(r.flops_total for r in routes),
+            "block_skip_rate": [sum(i in r.skipped_layers for r in routes) / len(routes) for i in range(num_layers)],
+        }
+        for kind in STEP_TYPES if (routes := per_type.get(kind))
+    }
 
 
 @torch.no_grad()

@@ -97,10 +97,7 @@ def main(argv=None) -> int:
 
     result = {"adapter": str(args.adapter), "data": args.data, "max_length": args.max_length,
               "steps_over_max_length": {kind: over_budget.get(kind, 0) for kind in STEP_TYPES}}
-    result.update(routing_report(model, every))
-    result["by_source"] = {source: report["by_step_type"] for source, report in
-                           ((source, routing_report(model, [e for e in every if e.source == source]))
-                            for source in sorted({e.source for e in every}))}
+    result.update(routing_report(model, every, by_source=True))
     by_type = result["by_step_type"]
     perplexities = {
         "base": perplexity_by_type(model, every, forced_skip=(), lora=False),
@@ -125,9 +122,6 @@ def main(argv=None) -> int:
     for kind in by_type:
         by_type[kind].pop("block_skip_rate")
         by_type[kind]["perplexity"] = {name: values.get(kind) for name, values in perplexities.items()}
-    for kinds in result["by_source"].values():
-        for values in kinds.values():
-            values.pop("block_skip_rate")
     result["agent_quality"] = {name: quality_summary(r) for name, r in records.items()}
     result["agent_quality_by_source"] = {
         name: {source: quality_summary([r for r in records[name] if r["source"] == source])
