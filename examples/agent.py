@@ -3,7 +3,7 @@
     python examples/agent.py
     python examples/agent.py --question "What is the population density of Norway?" --html report.html
 
-The tools: a calculator (safe arithmetic) and a lookup in a small country table. The model is the embedded
+The tools: a calculator (safe arithmetic), a lookup in a small country table and a length converter. The model is the embedded
 SmolLM2-135M-Instruct with the shipped LayerRoute adapter, so expect a 135M model's reasoning; what the example
 shows is the plumbing: every step's type, the blocks it skipped and what it cost. A step whose tool calls are all
 malformed does not end the run: the errors go back to the model, which tries again.
@@ -59,6 +59,25 @@ def country_facts(country: str) -> str:
     return str(facts) if facts else f"unknown country {country!r}; known: {', '.join(COUNTRIES)}"
 
 
+UNITS_TO_METRE = {"km": 1000.0, "m": 1.0, "mile": 1609.344, "ft": 0.3048}
+UNITS = {"km": "km", "kilometre": "km", "kilometer": "km", "m": "m", "metre": "m", "meter": "m", "mile": "mile",
+         "miles": "mile", "mi": "mile", "ft": "ft", "foot": "ft", "feet": "ft"}
+
+
+@tool
+def convert_units(value: float, from_unit: str, to_unit: str) -> str:
+    """Convert a length between km, m, mile and ft."""
+    source, target = UNITS.get(from_unit.strip().lower()), UNITS.get(to_unit.strip().lower())
+    if not source or not target:
+        return f"error: units must be among {', '.join(UNITS_TO_METRE)}"
+    return f"{value * UNITS_TO_METRE[source] / UNITS_TO_METRE[target]:.4g} {target}"
+
+
+TOOLS = [calculator, country_facts, convert_units]
+# the wording of the system prompts the embedded corpus was trained with
+SYSTEM_PROMPT = "You are a helpful assistant that can use tools. Think step by step and call a tool when it helps."
+
+
 @after_model(can_jump_to=["model"])
 def retry_malformed_calls(state: AgentState, runtime) -> dict | None:
     """When every call of a step is malformed, hand the errors back to the model instead of ending the run.
@@ -91,10 +110,7 @@ def main() -> None:
     args = parser.parse_args()
 
     llm = ChatLayerRoute(adapter=args.adapter, max_tokens=160)
-    # the wording of the system prompts the embedded corpus was trained with
-    agent = create_agent(llm, tools=[calculator, country_facts], middleware=[retry_malformed_calls],
-                         system_prompt="You are a helpful assistant that can use tools. Think step by step and call "
-                                       "a tool when it helps.")
+    agent = create_agent(llm, tools=TOOLS, middleware=[retry_malformed_calls], system_prompt=SYSTEM_PROMPT)
     args.costs.unlink(missing_ok=True)
     messages = []
     # a model call, its after-model hook and its round of tool calls are three graph steps
