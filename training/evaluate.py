@@ -55,7 +55,8 @@ def main(argv=None) -> int:
                         help="context budget in tokens (real agents carry many tool schemas); longer steps are "
                              "counted, not evaluated")
     parser.add_argument("--max-target-length", type=int, default=192)
-    parser.add_argument("--max-steps", type=int, default=300, help="steps per type for skip and perplexity")
+    parser.add_argument("--max-steps", type=int, default=300,
+                        help="steps per type for skip rates and perplexity, taken from each source in turn")
     parser.add_argument("--generation-steps", type=int, default=200,
                         help="tool-call steps generated routed and at full depth, taken from each source in turn")
     parser.add_argument("--answer-steps", type=int, default=100,
@@ -82,14 +83,12 @@ def main(argv=None) -> int:
     cases: dict[str, list] = {kind: [] for kind in STEP_TYPES}
     over_budget = Counter()
     for step in steps:
-        if len(cases[step.step_type]) >= args.max_steps:
-            continue
         try:
             cases[step.step_type].append((step, tokenize_step(step, tokenizer, args.max_length,
                                                               args.max_target_length)))
         except ValueError:
             over_budget[step.step_type] += 1
-    every = [example for kind in STEP_TYPES for _, example in cases[kind]]
+    every = [example for kind in STEP_TYPES for _, example in across_sources(cases[kind], args.max_steps)]
     answers = [case for case in cases["planning"] if answers_after_tool_results(case[0])]
     generated = across_sources(cases["tool_call"], args.generation_steps) + across_sources(answers, args.answer_steps)
     for_baselines = (across_sources(cases["tool_call"], args.baseline_generation_steps)
