@@ -14,7 +14,6 @@ records the run writes).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -27,9 +26,7 @@ from langchain.agents import create_agent  # noqa: E402
 from langgraph.errors import GraphRecursionError  # noqa: E402
 
 from langchain_layerroute import ChatLayerRoute, layerroute_cost_tracking  # noqa: E402
-from layerroute.evaluation import paired_difference, wilson_interval  # noqa: E402
-
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+from layerroute.evaluation import NUMBER, paired_difference, wilson_interval  # noqa: E402
 
 
 def tasks() -> list[tuple[str, str | float]]:

@@ -21,9 +21,8 @@ from transformers import LogitsProcessorList
 
 from .flops import step_route_stats
 from .model import LayerRouteModel
-from .steps import STEP_TYPES, TokenizedStep
 from .grammar import DecodingGrammars
-from .steps import Step
+from .steps import STEP_TYPES, Step, TokenizedStep
 from .toolcalls import parse_tool_calls, score_calls
 
 
@@ -192,7 +191,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 _WORD = re.compile(r"\w+")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -206,7 +205,7 @@ def token_f1(prediction: str, reference: str) -> float:
 
 
 def _last_number(text: str) -> float | None:
-    numbers = _NUMBER.findall(text)
+    numbers = NUMBER.findall(text)
     return float(numbers[-1].replace(",", "")) if numbers else None
 
 
