@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import threading
 import time
 import uuid
@@ -43,7 +42,6 @@ from layerroute.toolcalls import normalize_tool_choice, parse_tool_calls
 
 JSON_SCHEMA_INSTRUCTION = "Answer with a JSON object, and nothing else, that is valid under this JSON schema:\n{schema}"
 JSON_OBJECT_INSTRUCTION = "Answer with a JSON object, and nothing else."
-logger = logging.getLogger(__name__)
 
 
 class _Runtime:
