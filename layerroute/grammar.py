@@ -26,9 +26,9 @@ import re
 import threading
 from functools import lru_cache
 
+import torch
 import xgrammar as xgr
 from transformers import LogitsProcessor
-from xgrammar.contrib.hf import LogitsProcessor as GrammarLogitsProcessor
 from xgrammar.structural_tag import AnyTextFormat
 
 logger = logging.getLogger(__name__)
@@ -79,10 +79,10 @@ class DecodingGrammars:
             return self._compiler.compile_builtin_json_grammar()
 
     @staticmethod
-    def processor(grammar: xgr.CompiledGrammar) -> LogitsProcessor:
-        """A fresh logits processor enforcing ``grammar`` on every row of one ``generate`` call (it holds each row's
-        parse state, so it serves exactly one call)."""
-        return GrammarLogitsProcessor(grammar)
+    def processor(grammar: xgr.CompiledGrammar | list[xgr.CompiledGrammar | None]) -> LogitsProcessor:
+        """A fresh logits processor for one ``generate`` call (it holds each row's parse state, so it serves exactly
+        one call): ``grammar`` enforced on every row, or a list with each row's grammar (``None``: the row is free)."""
+        return RowGrammars(grammar)
 
     # ------------------------------------------------------------------ compilation (cached)
     def _compile_tool_calls(self, tools_json: str, tool_choice: tuple | None) -> xgr.CompiledGrammar:
@@ -116,6 +116,50 @@ class DecodingGrammars:
                 logger.warning("tool %r: %s; its arguments are not constrained", function["name"], error)
                 function["parameters"] = {"type": "object"}
         return {"type": "function", "function": function}
+
+
+class RowGrammars(LogitsProcessor):
+    """Enforces grammars in ``generate``: one for every row, or one per row of a batch (``None`` leaves a row free).
+
+    A row that has finished (its grammar terminated, or generation stopped it early: a stop sequence, a cancelled
+    request) is padded while the others go on; its padding is not fed to its grammar, and its logits are left alone.
+
+    Args:
+        grammars: a compiled grammar for every row, or ``(batch,)`` compiled grammars or ``None``.
+    """
+
+    def __init__(self, grammars: xgr.CompiledGrammar | list[xgr.CompiledGrammar | None]) -> None:
+        self.grammars = grammars
+        constrained = grammars if not isinstance(grammars, list) else next(g for g in grammars if g is not None)
+        self.vocab_size = constrained.tokenizer_info.vocab_size
+        self.matchers: list[xgr.GrammarMatcher | None] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.matchers is None:  # the first call: the prompt, nothing generated yet
+            grammars = self.grammars if isinstance(self.grammars, list) else [self.grammars] * input_ids.shape[0]
+            if len(grammars) != input_ids.shape[0]:
+                raise ValueError(f"{len(grammars)} grammars for a batch of {input_ids.shape[0]} rows")
+            self.matchers = [None if grammar is None else xgr.GrammarMatcher(grammar) for grammar in grammars]
+            self.finished = [matcher is None for matcher in self.matchers]
+            self.bitmask = xgr.allocate_token_bitmask(len(grammars), self.vocab_size)
+        else:
+            for row, matcher in enumerate(self.matchers):
+                if not self.finished[row] and not matcher.accept_token(int(input_ids[row, -1])):
+                    self.finished[row] = True  # the token is padding after the row stopped early
+        rows = []
+        for row, matcher in enumerate(self.matchers):
+            if not self.finished[row] and matcher.is_terminated():
+                self.finished[row] = True
+            if not self.finished[row]:
+                matcher.fill_next_token_bitmask(self.bitmask, row)
+                rows.append(row)
+        if rows:
+            # xgrammar masks logits on CUDA or CPU only
+            masked = scores if scores.device.type in ("cuda", "cpu") else scores.to("cpu")
+            xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device), vocab_size=self.vocab_size,
+                                            indices=rows)
+            scores = masked.to(scores.device)
+        return scores
 
 
 def _reason(error: Exception) -> str:

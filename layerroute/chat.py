@@ -1,0 +1,624 @@
+"""Chat steps on a routed model, framework-free: OpenAI-style messages and tools in, an answer with parsed tool calls,
+token counts and route stats out.
+
+This is the one code path behind every chat front end: ``ChatLayerRoute`` (LangChain) converts its messages into the
+OpenAI dicts this module takes, and ``layerroute serve`` passes request bodies through almost as they come. Both
+render, constrain, generate, parse and report here, so a step answers the same wherever it is asked.
+
+A step is :meth:`ChatEngine.prepare`\\ d (rendered, tokenized, its grammar compiled) and then generated, alone or in a
+batch with other prepared steps that share its generation settings (:meth:`ChatEngine.generate`)::
+
+    engine = ChatEngine.load()  # embedded SmolLM2-135M-Instruct with the shipped adapter
+    step = engine.prepare([{"role": "user", "content": "Weather in Oslo?"}], tools=[weather_tool])
+    [answer] = engine.generate([step])
+    answer.tool_calls, answer.route["flops_skipped_frac"]
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from .grammar import TOOL_CALL_TAG, DecodingGrammars
+from .loading import EMBEDDED_MODEL, default_adapter_dir, load_base_model
+from .model import LayerRouteModel
+from .router import ROUTING_STATE, RoutingState
+from .steps import render_chat
+from .toolcalls import normalize_tool_choice, parse_tool_calls
+
+ROUTING_MODES = ("auto", "off")
+JSON_SCHEMA_INSTRUCTION = "Answer with a JSON object, and nothing else, that is valid under this JSON schema:\n{schema}"
+JSON_OBJECT_INSTRUCTION = "Answer with a JSON object, and nothing else."
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ContextBudgetError(ValueError):
+    """The rendered prompt has more tokens than the context budget allows."""
+
+    def __init__(self, prompt_tokens: int, budget: int):
+        super().__init__(f"the prompt has {prompt_tokens} tokens, over this model's context budget of {budget} tokens; "
+                         "shorten the messages or the tool schemas")
+        self.prompt_tokens = prompt_tokens
+        self.budget = budget
+
+
+@dataclass
+class ChatStep:
+    """One prepared step: the prompt as token ids and how to generate its answer.
+
+    Steps whose :attr:`batch_key` is equal can be generated in one batch.
+
+    Attributes:
+        prompt_ids: ``(prompt_tokens,)`` token ids of the rendered context, ending with the assistant prompt.
+        grammar: the compiled grammar the answer must follow (bound tools or a response format), or ``None``.
+        routing: ``"auto"`` (the routers decide) or ``"off"`` (every block runs).
+        skip_threshold: a block is skipped where its router's keep probability is below this; ``None`` is the
+            adapter's own threshold.
+    """
+
+    prompt_ids: torch.Tensor
+    grammar: Any
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int | None
+    routing: str
+    skip_threshold: float | None
+    max_time: float | None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+    @property
+    def batch_key(self) -> tuple:
+        """What steps generated in one batch must share. A seeded sampled step is keyed by itself: it runs alone, so
+        that its seed alone decides its answer."""
+        seeded = id(self) if self.do_sample and self.seed is not None else None
+        return (self.max_new_tokens, self.do_sample, self.temperature if self.do_sample else None,
+                self.top_p if self.do_sample else None, self.stop, self.max_time, seeded)
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict
+
+
+@dataclass
+class InvalidToolCall:
+    id: str
+    name: str | None
+    text: str
+    error: str
+
+
+@dataclass
+class ChatAnswer:
+    """A generated answer.
+
+    Attributes:
+        content: the prose of the answer (tool-call markup removed when it carries calls).
+        text: everything generated, stop sequences cut, special tokens dropped.
+        finish_reason: ``"tool_calls"``, ``"length"`` (``max_new_tokens`` ran out) or ``"stop"``.
+        route: ``step_type``, the :class:`~layerroute.RouteStats` fields and ``latency_s``: what
+            ``response_metadata["layerroute"]`` and the server's ``layerroute`` object carry.
+    """
+
+    content: str
+    text: str
+    tool_calls: list[ToolCall]
+    invalid_tool_calls: list[InvalidToolCall]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    route: dict
+
+    @property
+    def step_type(self) -> str:
+        return self.route["step_type"]
+
+
+class ChatEngine:
+    """A loaded routed model, its tokenizer and grammar compiler: prepares chat steps and generates them.
+
+    Thread-safe for preparing; :meth:`generate` may be called from several threads (route stats are per thread).
+
+    Args:
+        model: the routed model, in eval mode.
+        tokenizer: its tokenizer (with a chat template).
+        name: the model's name, as front ends report it.
+    """
+
+    def __init__(self, model: LayerRouteModel, tokenizer, name: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.seed_lock = threading.Lock()
+        self._grammars: DecodingGrammars | None = None
+        self._grammars_lock = threading.Lock()
+        eos = model.base_model.generation_config.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @classmethod
+    def load(cls, model: str | None = None, adapter: str | None = None, device: str | None = None,
+             trust_remote_code: bool = False) -> ChatEngine:
+        """The engine of a base model and adapter, loaded once per process for each (base, adapter, device).
+
+        Args:
+            model: hub id, local directory or ``.gguf`` file; ``None`` is the embedded SmolLM2-135M-Instruct.
+            adapter: LayerRoute adapter directory; ``None`` uses the adapter shipped for the embedded model (when the
+                base is the embedded model), ``"none"`` runs the base with fresh routers that keep every block.
+        """
+        if adapter is None and model is None and default_adapter_dir().is_dir():
+            adapter = str(default_adapter_dir())
+        if adapter == "none":
+            adapter = None
+        key = (model, adapter, device, trust_remote_code)
+        with _ENGINES_LOCK:
+            if key not in _ENGINES:
+                base, tokenizer = load_base_model(model, device=device, trust_remote_code=trust_remote_code)
+                routed = (LayerRouteModel.from_pretrained(adapter, base_model=base) if adapter
+                          else LayerRouteModel.from_base(base))
+                routed.eval()
+                routed.merge_lora()  # serving: same outputs, no LoRA matmuls per token
+                _ENGINES[key] = cls(routed, tokenizer, model or EMBEDDED_MODEL)
+            return _ENGINES[key]
+
+    def grammars(self) -> DecodingGrammars:
+        """The grammar compiler for this tokenizer, built on first use (reading the vocabulary takes a moment)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                vocab_size = self.model.base_model.get_output_embeddings().weight.shape[0]
+                self._grammars = DecodingGrammars(self.tokenizer, vocab_size)
+        return self._grammars
+
+    # ------------------------------------------------------------------ preparing
+    def prepare(
+        self,
+        messages: Sequence[dict],
+        *,
+        tools: Sequence[dict] = (),
+        tool_choice: Any = None,
+        response_format: dict | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        routing: str = "auto",
+        skip_threshold: float | None = None,
+        timeout: float | None = None,
+        context_budget: int | None = None,
+    ) -> ChatStep:
+        """Render, tokenize and constrain one step.
+
+        Args:
+            messages: canonical OpenAI-style messages (see :func:`canonical_messages` for raw request bodies).
+            tools: OpenAI function tools; with ``tool_choice`` (OpenAI or LangChain form, see
+                :func:`~layerroute.toolcalls.normalize_tool_choice`) they constrain the answer's calls.
+            response_format: OpenAI ``{"type": "json_schema", "json_schema": {"schema": ...}}`` or
+                ``{"type": "json_object"}``: the answer is JSON under that grammar; cannot be combined with tools.
+            temperature: 0 is greedy decoding; above it samples, from the ``top_p`` nucleus.
+            seed: seeds sampling, for reproducible non-greedy answers.
+            routing: ``"auto"`` or ``"off"`` (every block runs: the same adapter at full depth, for A/B tests).
+            skip_threshold: a block is skipped where its router's keep probability is below this (``None``: the
+                adapter's threshold).
+            timeout: wall-clock limit of the generation in seconds.
+            context_budget: the most prompt tokens accepted; :class:`ContextBudgetError` past it.
+
+        Raises:
+            ValueError: an argument the engine cannot serve (the message says which and why).
+        """
+        tools = list(tools or [])
+        choice = normalize_tool_choice(tool_choice, [tool["function"]["name"] for tool in tools])
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be 'auto' or 'off', got {routing!r}")
+        if skip_threshold is not None and not 0.0 <= skip_threshold <= 1.0:
+            raise ValueError(f"skip_threshold must lie in [0, 1], got {skip_threshold!r}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+        messages = list(messages)
+        visible_tools = [] if choice == ("none",) else tools
+        grammar = None
+        if response_format:
+            if visible_tools:
+                raise ValueError("response_format and bound tools cannot be combined; use tool_choice='none' or "
+                                 "with_structured_output(method='function_calling')")
+            grammar, instruction = _response_grammar(self.grammars(), response_format)
+            messages = _with_instruction(messages, instruction)
+        elif tools:
+            grammar = self.grammars().tool_calls(visible_tools, choice)
+        prompt = render_chat(self.tokenizer, messages, visible_tools, add_generation_prompt=True)
+        prompt_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        if context_budget is not None and prompt_ids.shape[0] > context_budget:
+            raise ContextBudgetError(int(prompt_ids.shape[0]), context_budget)
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        return ChatStep(prompt_ids=prompt_ids, grammar=grammar, max_new_tokens=max_tokens,
+                        temperature=float(temperature or 0.0), top_p=float(top_p), stop=tuple(s for s in stop if s),
+                        seed=seed, routing=routing, skip_threshold=skip_threshold, max_time=timeout)
+
+    # ------------------------------------------------------------------ generating
+    def generate(
+        self,
+        steps: Sequence[ChatStep],
+        *,
+        forced_skip: Sequence[int] | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> list[ChatAnswer]:
+        """Generate the answers of ``steps`` in one batch (left-padded); they must share their :attr:`batch_key`.
+
+        Args:
+            forced_skip: skip exactly these blocks for every row instead of asking the routers (a batch grouped by
+                routed skip set, see :func:`route_steps`). Without it, the routers decide per row (a block then runs
+                when any row keeps it), unless every step has ``routing="off"``.
+            on_token: ``on_token(row, token_id)`` for every generated token of every row, from this thread.
+            cancelled: ``cancelled(row)``: a row for which it turns true stops generating (its answer is then cut).
+
+        Returns:
+            One :class:`ChatAnswer` per step, in order; ``route["latency_s"]`` is this call's wall time.
+        """
+        if not steps:
+            return []
+        if len({step.batch_key for step in steps}) > 1:
+            raise ValueError("steps generated in one batch must share their generation settings (batch_key)")
+        first = steps[0]
+        routings = {step.routing for step in steps}
+        thresholds = {step.skip_threshold for step in steps}
+        if forced_skip is None and (len(routings) > 1 or len(thresholds) > 1):
+            raise ValueError("a batch routed by its routers needs one routing mode and one skip_threshold; group "
+                             "the steps by routed skip set (route_steps) instead")
+        if forced_skip is None and routings == {"off"}:
+            forced_skip = ()
+        input_ids, attention_mask = self._left_padded([step.prompt_ids for step in steps])
+        kwargs: dict[str, Any] = {"max_new_tokens": first.max_new_tokens, "pad_token_id": self.pad_token_id}
+        if first.do_sample:
+            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if first.stop:
+            kwargs.update(stop_strings=list(first.stop), tokenizer=self.tokenizer)
+        if first.max_time:
+            kwargs["max_time"] = first.max_time
+        if forced_skip is None and first.skip_threshold is not None:
+            kwargs["skip_threshold"] = first.skip_threshold
+        if any(step.grammar is not None for step in steps):
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [DecodingGrammars.processor([step.grammar for step in steps])])
+        if cancelled is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_RowsCancelled(cancelled, len(steps))])
+        if on_token is not None:
+            kwargs["streamer"] = _RowStreamer(on_token)
+        began = time.perf_counter()
+        if first.do_sample and first.seed is not None:
+            with self.seed_lock:
+                torch.manual_seed(first.seed)
+                sequences = self.model.generate(input_ids, attention_mask, forced_skip=forced_skip, **kwargs)
+        else:
+            sequences = self.model.generate(input_ids, attention_mask, forced_skip=forced_skip, **kwargs)
+        latency = time.perf_counter() - began
+        routes = self.model.last_routes
+        new_tokens = sequences[:, input_ids.shape[1]:].tolist()
+        return [self._answer(step, tokens, route, latency)
+                for step, tokens, route in zip(steps, new_tokens, routes)]
+
+    def _left_padded(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(batch, longest)`` input ids and attention mask, prompts aligned on the right (generation continues them
+        all at the same position)."""
+        longest = max(prompt.shape[0] for prompt in prompts)
+        input_ids = torch.full((len(prompts), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, longest - prompt.shape[0]:] = prompt
+            attention_mask[row, longest - prompt.shape[0]:] = 1
+        device = self.model.device
+        return input_ids.to(device), attention_mask.to(device)
+
+    def generated_tokens(self, tokens: list[int]) -> list[int]:
+        """A row's generated ids without the padding that follows its end: up to and including its first
+        end-of-sequence token (rows of a batch that finish early are padded while the others go on)."""
+        for position, token in enumerate(tokens):
+            if token in self.eos_token_ids:
+                return tokens[: position + 1]
+        return tokens
+
+    def _answer(self, step: ChatStep, tokens: list[int], route, latency: float) -> ChatAnswer:
+        tokens = self.generated_tokens(tokens)
+        text = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), step.stop)
+        parsed = parse_tool_calls(text)
+        calls = [ToolCall(_call_id(), call.name, call.arguments) for call in parsed.tool_calls]
+        invalid = [InvalidToolCall(_call_id(), call.name, call.text, call.error) for call in parsed.invalid_tool_calls]
+        ended = bool(tokens) and tokens[-1] in self.eos_token_ids
+        finish_reason = ("tool_calls" if calls else "length" if len(tokens) >= step.max_new_tokens and not ended
+                         else "stop")
+        return ChatAnswer(
+            content=parsed.content if (calls or invalid) else text.strip(),
+            text=text,
+            tool_calls=calls,
+            invalid_tool_calls=invalid,
+            prompt_tokens=step.prompt_tokens,
+            completion_tokens=len(tokens),
+            finish_reason=finish_reason,
+            route={"step_type": "tool_call" if (calls or invalid) else "planning", **route.to_dict(),
+                   "latency_s": latency},
+        )
+
+    def text_deltas(self, step: ChatStep) -> TextDeltas:
+        """A fresh :class:`TextDeltas` for streaming ``step``'s answer."""
+        return TextDeltas(self.tokenizer, step.stop, self.eos_token_ids)
+
+
+@torch.no_grad()
+def route_steps(engine: ChatEngine, steps: Sequence[ChatStep]) -> list[frozenset[int]]:
+    """The blocks each step's routers skip, decided from its prompt in one batched forward (no generation).
+
+    Routes are decided from the prompt alone, so deciding them first lets a server group the rows of a batch by skip
+    set and generate each group with its skip set forced (:meth:`ChatEngine.generate`): a block the whole group
+    skips is then not executed, where a mixed batch would run it for the rows that keep it. Steps with
+    ``routing="off"`` skip nothing and are not forwarded.
+
+    Returns:
+        One skip set per step, in order.
+    """
+    skips: list[frozenset[int] | None] = [frozenset() if step.routing == "off" else None for step in steps]
+    by_threshold: dict[float | None, list[int]] = {}
+    for row, step in enumerate(steps):
+        if skips[row] is None:
+            by_threshold.setdefault(step.skip_threshold, []).append(row)
+    for threshold, rows in by_threshold.items():
+        input_ids, attention_mask = engine._left_padded([steps[row].prompt_ids for row in rows])
+        keep = _routed_keep(engine.model, input_ids, attention_mask, threshold)
+        for row, row_keep in zip(rows, keep.tolist()):
+            skips[row] = frozenset(block for block, kept in enumerate(row_keep) if not kept)
+    return skips
+
+
+def _routed_keep(model: LayerRouteModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 skip_threshold: float | None) -> torch.Tensor:
+    """``(batch, num_layers)`` bool: the blocks the routers keep for each row, from the decoder alone (no LM head:
+    its logits over every position and the whole vocabulary would cost more than a block and are not needed)."""
+    state = RoutingState(context_mask=attention_mask.bool())
+    token = ROUTING_STATE.set(state)
+    try:
+        model.base_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        ROUTING_STATE.reset(token)
+    return torch.stack([state.keep[i] for i in range(model.num_layers)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- messages
+def canonical_messages(messages: Sequence[Any], tools: Sequence[dict] = ()) -> list[dict]:
+    """OpenAI chat-completions messages as they arrive in a request, in the canonical form :meth:`ChatEngine.prepare`
+    renders: text content only (text parts joined), ``developer`` read as ``system``, tool-call arguments as JSON
+    strings, every tool message answering an earlier call (and named after its tool).
+
+    Raises:
+        ValueError: a message that is not a JSON object, an unknown role, non-text content, a malformed tool call,
+            a call of a tool the request does not declare, or a tool message that answers no call.
+    """
+    names = {tool["function"]["name"] for tool in tools}
+    calls: dict[str, str] = {}
+    canonical = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where} must be an object with a 'role', got {type(message).__name__}")
+        role = message.get("role")
+        if role not in MESSAGE_ROLES:
+            raise ValueError(f"{where} has unknown role {role!r}; use one of {', '.join(MESSAGE_ROLES)}")
+        content = _text_content(message.get("content"), where)
+        if role in ("system", "developer", "user"):
+            canonical.append({"role": "system" if role == "developer" else role, "content": content})
+        elif role == "assistant":
+            out: dict[str, Any] = {"role": "assistant", "content": content}
+            if message.get("tool_calls"):
+                out["tool_calls"] = [_canonical_call(call, f"{where}.tool_calls[{i}]", names)
+                                     for i, call in enumerate(message["tool_calls"])]
+                calls.update({call["id"]: call["function"]["name"] for call in out["tool_calls"]})
+            canonical.append(out)
+        else:
+            call_id = message.get("tool_call_id")
+            if call_id not in calls:
+                raise ValueError(f"{where} (role 'tool') answers tool_call_id {call_id!r}, which no earlier assistant "
+                                 "message called")
+            canonical.append({"role": "tool", "content": content, "tool_call_id": call_id, "name": calls[call_id]})
+    if not canonical:
+        raise ValueError("messages must hold at least one message")
+    return canonical
+
+
+def canonical_tools(tools: Sequence[Any] | None) -> list[dict]:
+    """OpenAI function tools, checked: ``{"type": "function", "function": {"name": ..., "parameters": {...}}}``."""
+    checked = []
+    for index, tool in enumerate(tools or []):
+        is_function = isinstance(tool, dict) and tool.get("type", "function") == "function"
+        function = tool.get("function") if is_function else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"tools[{index}] must be {{'type': 'function', 'function': {{'name': ..., "
+                             "'parameters': {...}}}}")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise ValueError(f"tools[{index}].function.parameters must be a JSON schema object")
+        checked.append({"type": "function", "function": function})
+    return checked
+
+
+def _text_content(content: Any, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"{where} has a content part of type {kind!r}; this model reads text only")
+        return "".join(parts)
+    raise ValueError(f"{where}.content must be a string or a list of text parts")
+
+
+def _canonical_call(call: Any, where: str, names: set[str]) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ValueError(f"{where} must be {{'id': ..., 'type': 'function', 'function': {{'name': ..., "
+                         "'arguments': '...'}}}")
+    if function["name"] not in names:
+        raise ValueError(f"{where} calls {function['name']!r}, which is not among the request's tools "
+                         f"({', '.join(sorted(names)) or 'none'})")
+    arguments = function.get("arguments") or "{}"
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments)
+    try:
+        if not isinstance(json.loads(arguments), dict):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{where}.function.arguments must be a JSON object encoded as a string") from None
+    return {"id": str(call.get("id") or _call_id()), "type": "function",
+            "function": {"name": function["name"], "arguments": arguments}}
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _response_grammar(grammars: DecodingGrammars, response_format: dict):
+    """The grammar and the prompt instruction of an OpenAI ``response_format`` (``json_schema`` or
+    ``json_object``)."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+        return grammars.json_schema(schema), JSON_SCHEMA_INSTRUCTION.format(schema=json.dumps(schema))
+    if kind == "json_object":
+        return grammars.json_object(), JSON_OBJECT_INSTRUCTION
+    raise ValueError(f"unsupported response_format {response_format!r}; use {{'type': 'json_schema', "
+                     "'json_schema': {'name': ..., 'schema': {...}}} or {'type': 'json_object'}")
+
+
+def _with_instruction(messages: list[dict], instruction: str) -> list[dict]:
+    """``messages`` with ``instruction`` at the end of the system prompt (a system prompt of its own if none)."""
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{instruction}".strip()}, *messages[1:]]
+    return [{"role": "system", "content": instruction}, *messages]
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop sequence."""
+    positions = [text.find(s) for s in stop if s and s in text]
+    return text[: min(positions)] if positions else text
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+class TextDeltas:
+    """A row's generated tokens as the text a streaming client may see, piece by piece.
+
+    Prose streams as it arrives. Once a tool call starts, text is held back (the parsed calls come with the final
+    answer), so no raw ``<tool_call>`` markup ever reaches the client; neither does a stop sequence, nor a trailing
+    piece that may be the start of either, nor half a UTF-8 character.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str], eos_token_ids: set[int]):
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.eos_token_ids = eos_token_ids
+        self.tokens: list[int] = []
+        self.emitted = ""
+        self.holding = False
+        self.ended = False
+
+    def push(self, token_id: int) -> str:
+        """The new visible text after ``token_id`` (often ``""``)."""
+        if self.ended or self.holding:
+            return ""
+        if token_id in self.eos_token_ids:
+            self.ended = True  # what follows is the padding of a finished row
+            return ""
+        self.tokens.append(token_id)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens
+            return ""
+        visible = _safe_prefix(cut_at_stop(text, self.stop), self.stop)
+        if TOOL_CALL_TAG in text:
+            visible = text[: text.index(TOOL_CALL_TAG)]
+            self.holding = True
+        if len(visible) <= len(self.emitted) or not visible.startswith(self.emitted):
+            return ""
+        delta, self.emitted = visible[len(self.emitted):], visible
+        return delta
+
+    def tail(self, answer: ChatAnswer) -> str:
+        """What of ``answer.content`` has not been streamed yet."""
+        streamed = self.emitted.strip()
+        return answer.content[len(streamed):] if answer.content.startswith(streamed) else ""
+
+
+def _safe_prefix(text: str, stop: Sequence[str]) -> str:
+    """Hold back a trailing partial ``<tool_call>`` tag or stop sequence: streamed text never shows either."""
+    for marker in [TOOL_CALL_TAG, *stop]:
+        for length in range(min(len(marker) - 1, len(text)), 0, -1):
+            if text.endswith(marker[:length]):
+                text = text[:-length]
+                break
+    return text
+
+
+class _RowStreamer(BaseStreamer):
+    """HF streamer that hands every generated token of every row to ``on_token(row, token_id)``."""
+
+    def __init__(self, on_token: Callable[[int, int], None]):
+        self.on_token = on_token
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate puts the prompt first
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            self.on_token(row, token)
+
+    def end(self) -> None:
+        pass
+
+
+class _RowsCancelled(StoppingCriteria):
+    """Stops the rows whose request was cancelled (``cancelled(row)``); generation ends when every row has."""
+
+    def __init__(self, cancelled: Callable[[int], bool], rows: int):
+        self.cancelled = cancelled
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.tensor([self.cancelled(row) for row in range(self.rows)], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+_ENGINES: dict[tuple, ChatEngine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+__all__ = ["ChatAnswer", "ChatEngine", "ChatStep", "ContextBudgetError", "InvalidToolCall", "TextDeltas", "ToolCall",
+           "canonical_messages", "canonical_tools", "cut_at_stop", "route_steps"]
