@@ -6,12 +6,13 @@ aggregates records per step type, turns FLOPs into money with a :class:`PriceMod
 
 from __future__ import annotations
 
-import html
 import json
 import statistics
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from . import report_html
 
 RECORD_TYPE = "layerroute.step"
 
@@ -105,6 +106,7 @@ class CostReport:
     totals: dict
     price: PriceModel
     projection: dict = field(default_factory=dict)
+    records: list[StepCostRecord] = field(default_factory=list)  # for the HTML report's per-trace timelines
 
     @classmethod
     def from_records(cls, records: list[StepCostRecord], price: PriceModel | None = None,
@@ -128,7 +130,15 @@ class CostReport:
             "layerroute_usd_per_day": price.usd(per_step_spent * steps_per_day),
         }
         projection["saved_usd_per_day"] = projection["full_depth_usd_per_day"] - projection["layerroute_usd_per_day"]
-        return cls(by_type, totals, price, projection)
+        # each type's share of the day, at what its recorded steps cost on average; the shares sum to the totals above
+        projection["by_step_type"] = {}
+        for kind, row in by_type.items():
+            full = price.usd(row["flops_total"] / len(records) * steps_per_day)
+            spent = price.usd(row["flops_executed"] / len(records) * steps_per_day)
+            projection["by_step_type"][kind] = {
+                "share": mix[kind], "steps_per_day": mix[kind] * steps_per_day, "full_depth_usd_per_day": full,
+                "layerroute_usd_per_day": spent, "saved_usd_per_day": full - spent}
+        return cls(by_type, totals, price, projection, list(records))
 
     @staticmethod
     def _aggregate(records: list[StepCostRecord], price: PriceModel) -> dict:
@@ -173,51 +183,9 @@ class CostReport:
                       f"${p['layerroute_usd_per_day']:,.2f}/day, saving ${p['saved_usd_per_day']:,.2f}/day."]
         return "\n".join(lines) + "\n"
 
-    def to_html(self) -> str:
-        """A self-contained page (inline CSS and SVG chart, no scripts or external files)."""
-        rows = "".join(
-            f"<tr><td>{html.escape(kind)}</td><td>{row['steps']}</td><td>{row['input_tokens']} / "
-            f"{row['output_tokens']}</td><td>{row['flops_executed'] / 1e9:.1f}</td>"
-            f"<td>{row['flops_total'] / 1e9:.1f}</td><td>{row['flops_saved_frac']:.1%}</td>"
-            f"<td>{row['mean_layers_skipped_frac']:.1%}</td><td>{row['median_latency_s']:.3f} s</td></tr>"
-            for kind, row in [*self.by_step_type.items(), ("all", self.totals)]
-        )
-        p = self.projection
-        return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>LayerRoute trace cost report</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:60rem;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}th{{background:#f3f3f3}}</style></head>
-<body><h1>LayerRoute trace cost report</h1>
-<p>{self._counts()}. Prices: {html.escape(self.price.describe())}.</p>
-<table><tr><th>step type</th><th>steps</th><th>tokens in / out</th><th>GFLOPs spent</th>
-<th>GFLOPs full depth</th><th>saved</th><th>blocks skipped</th><th>median latency</th></tr>{rows}</table>
-<h2>FLOPs per step type</h2>{self._svg_chart()}
-<h2>Projection</h2><p>At {p['steps_per_day']:,} steps a day with the observed mix
-({html.escape(', '.join(f'{k} {v:.0%}' for k, v in p['observed_mix'].items()))}): full depth
-${p['full_depth_usd_per_day']:,.2f}/day, LayerRoute ${p['layerroute_usd_per_day']:,.2f}/day,
-saving <b>${p['saved_usd_per_day']:,.2f}/day</b>.</p></body></html>
-"""
+    def to_html(self, max_traces: int = 50) -> str:
+        """A self-contained page: per-type tables and chart, the projection, and a timeline of every trace's steps.
 
-    def _svg_chart(self) -> str:
-        kinds = list(self.by_step_type)
-        peak = max(row["flops_total"] for row in self.by_step_type.values()) or 1
-        bar, gap, width = 28, 22, 420
-        parts = []
-        for index, kind in enumerate(kinds):
-            row = self.by_step_type[kind]
-            y = index * (2 * bar + gap) + 10
-            full = row["flops_total"] / peak * width
-            spent = row["flops_executed"] / peak * width
-            parts.append(
-                f'<text x="0" y="{y + bar}" font-size="13">{html.escape(kind)}</text>'
-                f'<rect x="110" y="{y}" width="{full:.1f}" height="{bar}" fill="#c9d6e8"/>'
-                f'<text x="{115 + full:.1f}" y="{y + 19}" font-size="12">full depth {row["flops_total"] / 1e9:.1f} '
-                f'GFLOPs</text>'
-                f'<rect x="110" y="{y + bar}" width="{spent:.1f}" height="{bar}" fill="#2f6db5"/>'
-                f'<text x="{115 + spent:.1f}" y="{y + bar + 19}" font-size="12">LayerRoute '
-                f'{row["flops_executed"] / 1e9:.1f} GFLOPs</text>'
-            )
-        height = len(kinds) * (2 * bar + gap) + 10
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="760" height="{height}" role="img" '
-                f'aria-label="FLOPs per step type">{"".join(parts)}</svg>')
+        At most ``max_traces`` timelines (the most expensive traces) keep a large day's report openable.
+        """
+        return report_html.render(self, max_traces)

@@ -31,6 +31,12 @@ def test_aggregates_per_step_type_and_projection():
     assert report.projection["full_depth_usd_per_day"] == pytest.approx(4000 * 1750 / 1e12 * 1000)
     assert report.projection["saved_usd_per_day"] == pytest.approx(4000 * 150 / 1e12 * 1000)
     assert report.projection["observed_mix"] == {"tool_call": 0.75, "planning": 0.25}
+    # per type: its share of the day at its own mean cost; the types add up to the total
+    tool_day = report.projection["by_step_type"]["tool_call"]
+    assert tool_day["steps_per_day"] == 3000
+    assert tool_day["saved_usd_per_day"] == pytest.approx(3000 * 600 / 3 / 1e12 * 1000)
+    assert sum(v["full_depth_usd_per_day"] for v in report.projection["by_step_type"].values()) == \
+        pytest.approx(report.projection["full_depth_usd_per_day"])
 
 
 def test_gpu_hour_pricing():
@@ -47,6 +53,17 @@ def test_markdown_and_self_contained_html():
     page = report.to_html()
     assert page.startswith("<!doctype html>") and "<svg" in page
     assert "<script" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert "https://" not in page and "default-src 'none'" in page  # the browser itself refuses any fetch
+    assert page.count('<section class="trace"') == 2 and page.count('<g class="step"') == 4
+
+
+def test_html_escapes_recorded_strings_and_caps_the_timelines():
+    hostile = record('<img src=x onerror="alert(1)">', 0, "tool_call", 9000, 0)
+    page = CostReport.from_records([*RECORDS, hostile]).to_html(max_traces=2)
+    assert "<img" not in page and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in page
+    # only the two most expensive traces get a timeline: the 9,000-FLOP one and "a" (4,000), not "b" (3,000)
+    assert 'data-trace-id="a"' in page and 'data-trace-id="b"' not in page
+    assert "Showing the 2 most expensive of 3 traces" in page
 
 
 def test_cli_report(tmp_path, capsys):
@@ -56,7 +73,7 @@ def test_cli_report(tmp_path, capsys):
     html_path = tmp_path / "report.html"
     assert cli_main(["report", str(path), "--html", str(html_path), "--steps-per-day", "10"]) == 0
     assert "LayerRoute trace cost report" in capsys.readouterr().out
-    assert "<table>" in html_path.read_text()
+    assert '<table id="step-types">' in html_path.read_text()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"hello": 1}\n')
     assert cli_main(["report", str(bad)]) == 2
