@@ -46,7 +46,7 @@ svg text{font-family:inherit}
 """
 
 
-def colours(report: "CostReport") -> dict[str, str]:
+def colours(report: CostReport) -> dict[str, str]:
     return {kind: PALETTE[index % len(PALETTE)] for index, kind in enumerate(report.by_step_type)}
 
 
@@ -63,12 +63,12 @@ def plural(count: int, word: str) -> str:
     return f"{count:,} {word}{'s' * (count != 1)}"
 
 
-def skipped_blocks(record: "StepCostRecord") -> str:
+def skipped_blocks(record: StepCostRecord) -> str:
     blocks = ", ".join(str(layer) for layer in sorted(record.skipped_layers))
     return f"{len(record.skipped_layers)}/{record.num_layers}" + (f" ({blocks})" if blocks else "")
 
 
-def render(report: "CostReport", max_traces: int = 50) -> str:
+def render(report: CostReport, max_traces: int = 50) -> str:
     palette = colours(report)
     totals, p = report.totals, report.projection
     models = sorted({r.model_name for r in report.records if r.model_name})
@@ -108,7 +108,7 @@ def type_cell(kind: str, palette: dict[str, str]) -> str:
     return f"<td>{swatch}{escape(kind)}</td>"
 
 
-def totals_table(report: "CostReport", palette: dict[str, str]) -> str:
+def totals_table(report: CostReport, palette: dict[str, str]) -> str:
     rows = []
     for kind, row in [*report.by_step_type.items(), ("all", report.totals)]:
         rows.append(
@@ -123,7 +123,7 @@ def totals_table(report: "CostReport", palette: dict[str, str]) -> str:
             f'<th>median latency</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
-def projection_table(report: "CostReport", palette: dict[str, str]) -> str:
+def projection_table(report: CostReport, palette: dict[str, str]) -> str:
     p = report.projection
     rows = [(kind, values) for kind, values in p["by_step_type"].items()]
     rows.append(("all", {"share": 1.0, "steps_per_day": p["steps_per_day"], **{
@@ -140,7 +140,7 @@ def projection_table(report: "CostReport", palette: dict[str, str]) -> str:
             f'<tbody>{cells}</tbody></table>')
 
 
-def type_chart(report: "CostReport", palette: dict[str, str]) -> str:
+def type_chart(report: CostReport, palette: dict[str, str]) -> str:
     """Full-depth FLOPs against FLOPs spent, one pair of bars per step type."""
     peak = max((row["flops_total"] for row in report.by_step_type.values()), default=0) or 1
     bar, gap, left, width = 20, 14, 110, 560
@@ -164,7 +164,7 @@ def type_chart(report: "CostReport", palette: dict[str, str]) -> str:
             f'aria-label="FLOPs per step type, full depth against LayerRoute">{"".join(parts)}</svg>')
 
 
-def traces_section(report: "CostReport", palette: dict[str, str], max_traces: int) -> str:
+def traces_section(report: CostReport, palette: dict[str, str], max_traces: int) -> str:
     traces: dict[str, list] = defaultdict(list)  # insertion order: traces in the order their first step arrived
     for record in report.records:
         traces[record.trace_id].append(record)
@@ -217,7 +217,7 @@ def trace_figure(trace_id: str, steps: list, palette: dict[str, str], scale: flo
             f'</table></details></section>')
 
 
-def step_glyph(record: "StepCostRecord", colour: str, x: float, scale: float) -> str:
+def step_glyph(record: StepCostRecord, colour: str, x: float, scale: float) -> str:
     """One step on a timeline: the FLOPs it spent in solid colour, those it skipped pale, its skipped blocks below."""
     width = record.flops_total * scale
     spent = record.flops_executed * scale
@@ -228,12 +228,12 @@ def step_glyph(record: "StepCostRecord", colour: str, x: float, scale: float) ->
              f"{record.output_tokens:,} out, {record.latency_s:.3f} s")
     layers = ",".join(str(layer) for layer in sorted(record.skipped_layers))
     parts = [
-        f'<g class="step" data-step-index="{record.step_index}" data-step-type="{escape(record.step_type)}" '
-        f'data-flops-total="{record.flops_total}" data-flops-skipped="{record.flops_skipped}" '
-        f'data-skipped-layers="{layers}" data-num-layers="{record.num_layers}"><title>{escape(title)}</title>',
+        (f'<g class="step" data-step-index="{record.step_index}" data-step-type="{escape(record.step_type)}" '
+         f'data-flops-total="{record.flops_total}" data-flops-skipped="{record.flops_skipped}" '
+         f'data-skipped-layers="{layers}" data-num-layers="{record.num_layers}"><title>{escape(title)}</title>'),
         f'<rect class="spent" x="{x:.3f}" y="0" width="{spent:.3f}" height="{BAR_HEIGHT}" fill="{colour}"/>',
-        f'<rect class="skipped" x="{x + spent:.3f}" y="0" width="{width - spent:.3f}" height="{BAR_HEIGHT}" '
-        f'fill="{colour}" fill-opacity="0.3"/>',
+        (f'<rect class="skipped" x="{x + spent:.3f}" y="0" width="{width - spent:.3f}" height="{BAR_HEIGHT}" '
+         f'fill="{colour}" fill-opacity="0.3"/>'),
         f'<rect x="{x:.3f}" y="{BAR_HEIGHT + 2}" width="{width:.3f}" height="{STRIP_HEIGHT}" fill="#e6e6e6"/>',
     ]
     cell = width / record.num_layers

@@ -71,7 +71,7 @@ def rendered(records, tmp_path_factory):
 
 
 def test_no_console_errors_and_no_requests(rendered):
-    page, log, page_path, _ = rendered
+    _, log, page_path, _ = rendered
     assert log["errors"] == []
     assert [entry for entry in log["console"] if entry[0] in ("error", "warning")] == []
     assert log["requests"] == [page_path.as_uri()]  # the document itself, nothing it would fetch
