@@ -36,7 +36,7 @@ td:first-child,th:first-child{text-align:left}th{background:#f3f3f3;font-weight:
 tr.all td{font-weight:600;background:#fafafa}
 .swatch{display:inline-block;width:.8em;height:.8em;border-radius:2px;margin-right:.35em;vertical-align:-.05em}
 .legend{display:flex;gap:1.2rem;flex-wrap:wrap;font-size:.9rem;margin:.2rem 0 .8rem;color:#333}
-.legend .skipped{background:repeating-linear-gradient(45deg,#888 0 2px,#fff 2px 4px)}
+.legend .skipped{width:1.6em;background:linear-gradient(90deg,#777 50%,#ddd 50%)}
 .trace{margin:0 0 1.1rem}.trace h3{font-size:.95rem;margin:0 0 .25rem;font-weight:600}
 .trace h3 small{font-weight:400;color:#555}
 details summary{cursor:pointer;color:#444;font-size:.85rem;margin:.2rem 0}
@@ -180,7 +180,7 @@ def traces_section(report: CostReport, palette: dict[str, str], max_traces: int)
     legend = "".join(f'<span data-step-type="{escape(kind)}"><span class="swatch" style="background:{colour}"></span>'
                      f'{escape(kind)}</span>'
                      for kind, colour in palette.items())
-    legend += ('<span><span class="swatch skipped"></span>FLOPs skipped (pale part of a step)</span>'
+    legend += ('<span><span class="swatch skipped"></span>FLOPs spent, then skipped (the pale part)</span>'
                '<span>#step and % of its FLOPs skipped on the bar; dark ticks under it: the blocks it skipped</span>')
     explain = ('<p class="note">Each trace\'s steps in order, left to right; a step\'s width is its full-depth FLOPs, '
                'on one scale for all traces.</p>')

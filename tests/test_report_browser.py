@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import sync_playwright
@@ -175,3 +178,14 @@ def test_screenshot(rendered):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert width == 1000 and height > 800  # the whole page, longer than one viewport
+
+
+def test_readme_screenshot_regenerates(tmp_path):
+    """The README's documented command, run on the records it documents, writes a 1000px-wide PNG."""
+    root = Path(__file__).resolve().parents[1]
+    png = tmp_path / "cost-report.png"
+    subprocess.run([sys.executable, str(root / "examples" / "cost_report.py"),
+                    str(root / "docs" / "cost-report-records.jsonl"), "--screenshot", str(png),
+                    "--chromium", chromium_path()], check=True, capture_output=True, timeout=120)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(data[16:20], "big") == 1000
