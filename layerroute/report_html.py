@@ -189,7 +189,7 @@ def traces_section(report: CostReport, palette: dict[str, str], max_traces: int)
     return f'{explain}<div class="legend">{legend}</div>{note}{body}'
 
 
-def trace_figure(trace_id: str, steps: list, palette: dict[str, str], scale: float) -> str:
+def trace_figure(trace_id: str, steps: list[StepCostRecord], palette: dict[str, str], scale: float) -> str:
     total = sum(r.flops_total for r in steps)
     executed = sum(r.flops_executed for r in steps)
     parts, x = [], 0.0
