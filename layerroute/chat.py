@@ -570,10 +570,10 @@ class TextDeltas:
         delta, self.emitted = visible[len(self.emitted):], visible
         return delta
 
-    def tail(self, answer: ChatAnswer) -> str:
-        """What of ``answer.content`` has not been streamed yet."""
+    def tail(self, content: str) -> str:
+        """What of the answer's final ``content`` has not been streamed yet."""
         streamed = self.emitted.strip()
-        return answer.content[len(streamed):] if answer.content.startswith(streamed) else ""
+        return content[len(streamed):] if content.startswith(streamed) else ""
 
 
 def _safe_prefix(text: str, stop: Sequence[str]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pathlib import Path
@@ -39,6 +40,21 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        from .serving import serve
+    except ImportError as error:
+        raise ValueError(f"`layerroute serve` needs the serve extra ({error.name} is missing): "
+                         'pip install "layerroute[serve]"') from None
+    from .chat import ChatEngine
+
+    options = {"model_name": args.served_model_name, "context_budget": args.context_budget,
+               "default_max_tokens": args.max_tokens, "api_key": args.api_key, "max_batch_size": args.max_batch_size,
+               "batch_window_ms": args.batch_window_ms, "grouping": not args.no_grouping}
+    serve(ChatEngine.load(args.model, args.adapter, args.device), host=args.host, port=args.port, **options)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="layerroute", description="LayerRoute command-line tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +72,26 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--achieved-tflops", type=float, default=100.0, help="achieved TFLOP/s of that GPU")
     report.add_argument("--usd-per-tflop", type=float, default=None, help="price FLOPs directly instead")
     report.set_defaults(run=report_command)
+    serve = commands.add_parser("serve", help="serve a routed model over an OpenAI-compatible HTTP API")
+    serve.add_argument("--model", default=None, help="base model: hub id, local directory or .gguf file "
+                       "(default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--adapter", default=None, help="LayerRoute adapter directory (default: the adapter shipped "
+                       "for the embedded model; 'none': fresh routers that keep every block)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: the loader's)")
+    serve.add_argument("--context-budget", type=int, default=2048, help="most prompt tokens a request may bring")
+    serve.add_argument("--max-tokens", type=int, default=256, help="generated tokens when a request sets no limit")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model, or "
+                       "embedded:SmolLM2-135M-Instruct)")
+    serve.add_argument("--api-key", default=os.environ.get("LAYERROUTE_API_KEY"), help="demand 'Authorization: "
+                       "Bearer <key>' on /v1/* (default: $LAYERROUTE_API_KEY; none: no key asked)")
+    serve.add_argument("--max-batch-size", type=int, default=16)
+    serve.add_argument("--batch-window-ms", type=float, default=5.0, help="how long an idle server waits for a "
+                       "first request's batch-mates")
+    serve.add_argument("--no-grouping", action="store_true", help="batch rows without grouping them by routed skip "
+                       "set (a baseline: a block then runs when any row keeps it)")
+    serve.set_defaults(run=serve_command)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

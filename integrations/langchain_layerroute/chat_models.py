@@ -272,7 +272,7 @@ class ChatLayerRoute(BaseChatModel):
         if "error" in result:
             raise result["error"]
         final = self._message(result["answer"])
-        tail = deltas.tail(result["answer"])
+        tail = deltas.tail(result["answer"].content)
         chunk = ChatGenerationChunk(message=AIMessageChunk(
             content=tail,
             tool_call_chunks=[{"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i,
