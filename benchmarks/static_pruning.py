@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteModel  # noqa: E402
-from layerroute.evaluation import step_routes  # noqa: E402
+from layerroute.evaluation import scored_steps  # noqa: E402
 from layerroute.flops import step_route_stats  # noqa: E402
 from layerroute.loading import load_base_model  # noqa: E402
 from layerroute.model import ADAPTER_CONFIG  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> int:
                     per_type[step.step_type] += 1
                 except ValueError:
                     continue
-    routes = [step_routes(model, example) for example in examples]
+    routes = [record["route"] for record in scored_steps(model, examples)]
     total = sum(r.flops_skipped for r in routes) / sum(r.flops_total for r in routes)
     k = matched_k(model, examples, total)
     print(f"LayerRoute skips {total:.1%} of the FLOPs of these steps; static pruning matches it with "

@@ -11,6 +11,16 @@ ROUTER_POOLINGS = ("mean", "last")
 ROUTER_NORMS = ("rms", "none")
 
 
+def check_skip_threshold(value: float | None, name: str = "skip_threshold") -> float | None:
+    """``value`` if it is ``None`` or a decision threshold in (0, 1); a ``ValueError`` naming ``name`` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1) (a block runs when its keep probability is above it), "
+                         f"got {value!r}")
+    return float(value)
+
+
 @dataclass
 class LayerRouteConfig:
     """Everything that defines a LayerRoute adapter except its weights.
@@ -54,8 +64,7 @@ class LayerRouteConfig:
             raise ValueError(f"router_pooling must be one of {ROUTER_POOLINGS}, got {self.router_pooling!r}")
         if self.router_norm not in ROUTER_NORMS:
             raise ValueError(f"router_norm must be one of {ROUTER_NORMS}, got {self.router_norm!r}")
-        if not 0.0 < self.router_threshold < 1.0:
-            raise ValueError(f"router_threshold must lie in (0, 1), got {self.router_threshold}")
+        check_skip_threshold(self.router_threshold, "router_threshold")
         if not 0.0 <= self.target_skip_rate < 1.0:
             raise ValueError(f"target_skip_rate must lie in [0, 1), got {self.target_skip_rate}")
 

@@ -27,25 +27,44 @@ from .toolcalls import parse_tool_calls, score_calls
 
 
 @torch.no_grad()
-def step_routes(model: LayerRouteModel, example: TokenizedStep, forced_skip=None):
-    """Decisions from the step's context, and the route stats of producing its target under them."""
-    context = torch.tensor([example.context_ids], device=model.device)
-    keep = model(context, forced_skip=forced_skip).keep[0].cpu()
-    skipped = [i for i in range(model.num_layers) if not keep[i]]
-    target = len(example.target_ids)
-    return step_route_stats(skipped, model.num_layers, model.shape.block, model.shape.vocab_size,
-                            context_tokens=len(example.context_ids),
-                            forwarded_tokens=len(example.context_ids) + target - 1,
-                            lm_head_positions=target, extra_flops_per_token=model.lora_flops_per_token)
+def scored_steps(model: LayerRouteModel, examples: list[TokenizedStep], forced_skip=None,
+                 skip_threshold: float | None = None, lora: bool = True) -> list[dict]:
+    """Route and score each step in one forward over its context and target, as generation would route it.
 
+    The routers decide from the context tokens only; the target's summed negative log-likelihood is measured under
+    that decision. ``forced_skip`` and ``skip_threshold`` override the routers as in :meth:`LayerRouteModel.forward`;
+    ``lora=False`` scores the frozen base.
 
-@torch.no_grad()
-def routing_report(model: LayerRouteModel, examples: list[TokenizedStep], by_source: bool = False) -> dict:
-    """Per step type: steps, mean fraction of blocks skipped, FLOP-skip fraction and per-block skip rate; with
-    ``by_source``, the same per source and step type under ``"by_source"`` (per-block rates left out)."""
+    Returns one record per example, in order: ``source``, ``step_type``, ``route`` (the :class:`RouteStats` of
+    producing the target under the decision), ``nll`` and ``target_tokens``.
+    """
     model.eval()
-    routes = [step_routes(model, example) for example in tqdm(examples, desc="routes", leave=False)]
-    by_type = _route_summary([(e.step_type, r) for e, r in zip(examples, routes)], model.num_layers)
+    records = []
+    for example in tqdm(examples, desc="scoring steps", leave=False):
+        context, target = len(example.context_ids), len(example.target_ids)
+        ids = torch.tensor([example.context_ids + example.target_ids], device=model.device)
+        context_mask = torch.zeros_like(ids, dtype=torch.bool)
+        context_mask[:, :context] = True
+        labels = torch.full_like(ids, -100)
+        labels[:, context:] = ids[:, context:]
+        with nullcontext() if lora else model.lora_disabled():
+            out = model(ids, context_mask=context_mask, labels=labels, forced_skip=forced_skip,
+                        skip_threshold=skip_threshold)
+        keep = out.keep[0].tolist()
+        route = step_route_stats([i for i, kept in enumerate(keep) if not kept], model.num_layers, model.shape.block,
+                                 model.shape.vocab_size, context_tokens=context,
+                                 forwarded_tokens=context + target - 1, lm_head_positions=target,
+                                 extra_flops_per_token=model.lora_flops_per_token)
+        records.append({"source": example.source, "step_type": example.step_type, "route": route,
+                        "nll": float(out.token_nll.sum()), "target_tokens": target})
+    return records
+
+
+def routing_summary(records: list[dict], num_layers: int, by_source: bool = False) -> dict:
+    """Per step type of :func:`scored_steps` records: steps, mean fraction of blocks skipped, FLOP-skip fraction and
+    per-block skip rate, and the differential in points; with ``by_source``, the same per source and step type under
+    ``"by_source"`` (per-block rates left out)."""
+    by_type = _route_summary(records, num_layers)
     report = {"by_step_type": by_type}
     if "tool_call" in by_type and "planning" in by_type:
         report["flops_skip_differential_points"] = 100 * (
@@ -53,19 +72,23 @@ def routing_report(model: LayerRouteModel, examples: list[TokenizedStep], by_sou
         )
     if by_source:
         report["by_source"] = {}
-        for source in sorted({e.source for e in examples}):
-            summary = _route_summary([(e.step_type, r) for e, r in zip(examples, routes) if e.source == source],
-                                     model.num_layers)
+        for source in sorted({r["source"] for r in records}):
+            summary = _route_summary([r for r in records if r["source"] == source], num_layers)
             for values in summary.values():
                 values.pop("block_skip_rate")
             report["by_source"][source] = summary
     return report
 
 
-def _route_summary(typed_routes: list, num_layers: int) -> dict:
+def routing_report(model: LayerRouteModel, examples: list[TokenizedStep], by_source: bool = False) -> dict:
+    """:func:`routing_summary` of ``model``'s routes on ``examples``."""
+    return routing_summary(scored_steps(model, examples), model.num_layers, by_source)
+
+
+def _route_summary(records: list[dict], num_layers: int) -> dict:
     per_type = defaultdict(list)
-    for kind, route in typed_routes:
-        per_type[kind].append(route)
+    for record in records:
+        per_type[record["step_type"]].append(record["route"])
     return {
         kind: {
             "steps": len(routes),
@@ -77,23 +100,19 @@ def _route_summary(typed_routes: list, num_layers: int) -> dict:
     }
 
 
-@torch.no_grad()
-def perplexity_by_type(model: LayerRouteModel, examples: list[TokenizedStep], forced_skip=None,
-                       lora: bool = True) -> dict[str, float]:
-    """Target-token perplexity per step type; routers decide from the context only (as in generation)."""
-    model.eval()
+def perplexity(records: list[dict]) -> dict[str, float]:
+    """Target-token perplexity per step type of :func:`scored_steps` records."""
     totals = defaultdict(lambda: [0.0, 0])
-    for example in tqdm(examples, desc="perplexity", leave=False):
-        ids = torch.tensor([example.context_ids + example.target_ids], device=model.device)
-        context_mask = torch.zeros_like(ids, dtype=torch.bool)
-        context_mask[:, : len(example.context_ids)] = True
-        labels = torch.full_like(ids, -100)
-        labels[:, len(example.context_ids):] = ids[:, len(example.context_ids):]
-        with nullcontext() if lora else model.lora_disabled():
-            out = model(ids, context_mask=context_mask, labels=labels, forced_skip=forced_skip)
-        totals[example.step_type][0] += float(out.token_nll.sum())
-        totals[example.step_type][1] += int((labels[:, 1:] != -100).sum())
-    return {kind: math.exp(nll / count) for kind, (nll, count) in totals.items() if count}
+    for record in records:
+        totals[record["step_type"]][0] += record["nll"]
+        totals[record["step_type"]][1] += record["target_tokens"]
+    return {kind: math.exp(totals[kind][0] / totals[kind][1]) for kind in STEP_TYPES if totals.get(kind, (0, 0))[1]}
+
+
+def perplexity_by_source(records: list[dict]) -> dict[str, dict[str, float]]:
+    """:func:`perplexity` per source."""
+    return {source: perplexity([r for r in records if r["source"] == source])
+            for source in sorted({r["source"] for r in records})}
 
 
 def answers_after_tool_results(step: Step) -> bool:
@@ -103,8 +122,8 @@ def answers_after_tool_results(step: Step) -> bool:
 
 @torch.no_grad()
 def agent_quality(model: LayerRouteModel, tokenizer, grammars: DecodingGrammars,
-                  cases: list[tuple[Step, TokenizedStep]], forced_skip=None, lora: bool = True,
-                  extra_tokens: int = 32) -> list[dict]:
+                  cases: list[tuple[Step, TokenizedStep]], forced_skip=None, skip_threshold: float | None = None,
+                  lora: bool = True, extra_tokens: int = 32) -> list[dict]:
     """Greedy-generate each step as an agent would, with its tools bound and tool calls grammar-constrained
     (:mod:`layerroute.grammar`, ``tool_choice`` auto), and score what was generated.
 
@@ -121,7 +140,7 @@ def agent_quality(model: LayerRouteModel, tokenizer, grammars: DecodingGrammars,
         ids = torch.tensor([example.context_ids], device=model.device)
         processor = DecodingGrammars.processor(grammars.tool_calls(step.tools, None)) if step.tools else None
         with nullcontext() if lora else model.lora_disabled():
-            out = model.generate(ids, forced_skip=forced_skip, do_sample=False,
+            out = model.generate(ids, forced_skip=forced_skip, skip_threshold=skip_threshold, do_sample=False,
                                  max_new_tokens=len(example.target_ids) + extra_tokens,
                                  pad_token_id=tokenizer.pad_token_id,
                                  logits_processor=LogitsProcessorList([processor] if processor else []))
@@ -210,7 +229,8 @@ def _last_number(text: str) -> float | None:
 
 
 @torch.no_grad()
-def wall_clock_by_type(model: LayerRouteModel, examples: list[TokenizedStep], repeats: int = 3) -> dict:
+def wall_clock_by_type(model: LayerRouteModel, examples: list[TokenizedStep], repeats: int = 3,
+                       skip_threshold: float | None = None) -> dict:
     """Measured time per step, routed against full depth (same adapter, every block running), per step type.
 
     Each step generates exactly as many tokens as its reference target (greedy), so both runs do the same work but
@@ -228,7 +248,7 @@ def wall_clock_by_type(model: LayerRouteModel, examples: list[TokenizedStep], re
         for _ in range(repeats):
             for name, forced_skip in (("routed", None), ("full", ())):
                 began = time.perf_counter()
-                model.generate(ids, forced_skip=forced_skip, **kwargs)
+                model.generate(ids, forced_skip=forced_skip, skip_threshold=skip_threshold, **kwargs)
                 times[name].append(time.perf_counter() - began)
                 if name == "routed":
                     route = model.last_route

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from . import __version__
 from .architectures import ModelShape, find_decoder_blocks, model_shape
-from .config import LayerRouteConfig
+from .config import LayerRouteConfig, check_skip_threshold
 from .flops import RouteStats, step_route_stats
 from .router import ROUTING_STATE, RoutedBlock, Router, RoutingState
 
@@ -225,6 +225,7 @@ class LayerRouteModel(nn.Module):
         context_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         forced_skip: Iterable[int] | None = None,
+        skip_threshold: float | None = None,
         record_probes: bool = False,
         record_router_features: bool = False,
     ) -> LayerRouteOutput:
@@ -239,6 +240,8 @@ class LayerRouteModel(nn.Module):
                 token at ``t``; ``-100`` is not supervised). When given, the LM head runs only on the positions that
                 predict a supervised token.
             forced_skip: bypass the routers: every block runs except these.
+            skip_threshold: this call's decision threshold instead of the adapter's ``router_threshold`` (a block
+                runs when its keep probability is above it; lower skips less).
             record_probes: keep every block's input and every router's features in the output, for
                 :meth:`skip_costs` and router training.
             record_router_features: keep only every router's features in the output (implied by ``record_probes``).
@@ -251,6 +254,7 @@ class LayerRouteModel(nn.Module):
             context_mask=(attention_mask if context_mask is None else context_mask).bool(),
             straight_through=self.training,
             forced_skip=None if forced_skip is None else frozenset(forced_skip),
+            skip_threshold=check_skip_threshold(skip_threshold),
             probes={} if record_probes or record_router_features else None,
             probe_inputs=record_probes,
         )
@@ -369,13 +373,15 @@ class LayerRouteModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         forced_skip: Iterable[int] | None = None,
+        skip_threshold: float | None = None,
         **generate_kwargs,
     ):
         """Like HF ``generate``; blocks the routers skip are not executed.
 
         Routers decide once per row from the prompt (prefill) and the decision holds for every generated token, so
         the KV cache stays consistent. With several rows, a block runs when any row keeps it (rows that skip it keep
-        their hidden state); wall-clock savings come from blocks every row skips.
+        their hidden state); wall-clock savings come from blocks every row skips. ``forced_skip`` and
+        ``skip_threshold`` override the routers as in :meth:`forward`.
 
         After the call, :attr:`last_route` (batch of one) and :attr:`last_routes` (one per row) hold this thread's
         :class:`RouteStats`.
@@ -387,6 +393,7 @@ class LayerRouteModel(nn.Module):
         state = RoutingState(
             context_mask=attention_mask.bool(),
             forced_skip=None if forced_skip is None else frozenset(forced_skip),
+            skip_threshold=check_skip_threshold(skip_threshold),
         )
         was_training = self.training
         self.eval()

@@ -23,6 +23,8 @@ class RoutingState:
         straight_through: training mode: every block whose router learns runs, and its output is mixed in with the
             straight-through gate.
         forced_skip: when not ``None``, the routers are bypassed: every block runs except these.
+        skip_threshold: when not ``None``, replaces every block's configured threshold for this state: a block runs
+            when its keep probability is above it. Lower is more cautious; see ``LayerRouteConfig.router_threshold``.
         keep: block index -> ``(batch,)`` bool decisions, taken at the first forward and held for the rest of the state.
         rows_keeping: block index -> ``"all"``, ``"none"`` or ``"some"``: ``keep`` summarised once, so later forwards
             need no device sync to know whether the block runs.
@@ -40,6 +42,7 @@ class RoutingState:
     context_mask: torch.Tensor | None = None
     straight_through: bool = False
     forced_skip: frozenset[int] | None = None
+    skip_threshold: float | None = None
     keep: dict[int, torch.Tensor] = field(default_factory=dict)
     rows_keeping: dict[int, str] = field(default_factory=dict)
     keep_probs: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -130,7 +133,7 @@ class RoutedBlock(nn.Module):
         straight_through = state.straight_through and self.router.proj.weight.requires_grad
         if keep is None:
             keep_prob = self._keep_probability(hidden_states, state)
-            keep = keep_prob > self.threshold
+            keep = keep_prob > (self.threshold if state.skip_threshold is None else state.skip_threshold)
             state.keep[self.layer_idx] = keep
             state.rows_keeping[self.layer_idx] = _rows_keeping(keep)
             state.keep_probs[self.layer_idx] = keep_prob

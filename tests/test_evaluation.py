@@ -38,6 +38,7 @@ def test_evaluate_reports_every_model_and_step_type(tiny_chat_dir, tmp_path, cap
         assert set(values["perplexity"]) == {"base", "layerroute", "layerroute_full_depth", "lora_only",
                                              "static_pruning"}
         assert values["flops_skipped_frac"] == 0.0  # fresh routers keep every block
+        assert values["skip_cost"] == 0.0
     assert set(result["agent_quality"]) == {"base", "layerroute", "layerroute_full_depth", "lora_only",
                                             "static_pruning"}
     for summary in result["agent_quality"].values():
@@ -46,6 +47,10 @@ def test_evaluate_reports_every_model_and_step_type(tiny_chat_dir, tmp_path, cap
     # fresh routers keep every block: routed and full depth generate the same steps
     assert all(p["first_only"] == p["second_only"] == 0 for p in result["routed_against_full_depth"].values())
     assert set(result["by_source"]) >= {"unknown"}
+    for kinds in result["by_source"].values():
+        for values in kinds.values():
+            assert values["perplexity"]["layerroute"] == values["perplexity"]["layerroute_full_depth"]
+            assert values["perplexity"]["base"] > 0 and values["skip_cost"] == 0.0
     # one of three blocks deleted for every step, on both step types
     assert all(abs(v["layers_skipped_frac"] - 1 / 3) < 1e-9 and v["flops_skipped_frac"] > 0
                for v in result["static_pruning"].values())

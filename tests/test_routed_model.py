@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import threading
 
 import pytest
@@ -148,6 +149,23 @@ def test_router_decisions_hold_for_every_generated_token_and_follow_the_prompt()
     with torch.no_grad():
         logits = model(sequences[:, :-1], forced_skip=expected_skips).logits
     assert torch.equal(logits[0, 8:].argmax(-1), sequences[0, 9:])
+
+
+def test_skip_threshold_skips_only_blocks_whose_keep_probability_is_at_most_it():
+    model = LayerRouteModel.from_base(tiny_qwen2()).eval()
+    with torch.no_grad():
+        for router, keep_probability in zip(model.routers, (0.9, 0.45, 0.2, 0.05)):
+            router.proj.bias.fill_(math.log(keep_probability / (1 - keep_probability)))
+    input_ids = torch.randint(2, 128, (1, 7))
+    for skip_threshold, skipped in ((None, [1, 2, 3]), (0.3, [2, 3]), (0.1, [3]), (0.95, [0, 1, 2, 3])):
+        model.generate(input_ids, max_new_tokens=2, do_sample=False, skip_threshold=skip_threshold)
+        assert model.last_route.skipped_layers == skipped, skip_threshold
+        with torch.no_grad():
+            keep = model(input_ids, skip_threshold=skip_threshold).keep[0]
+        assert [i for i in range(4) if not keep[i]] == skipped
+    for bad in (0.0, 1.0, "0.3", True):
+        with pytest.raises(ValueError, match="skip_threshold must be a number in"):
+            model.generate(input_ids, max_new_tokens=1, skip_threshold=bad)
 
 
 def test_batched_generation_with_rows_that_decide_differently_matches_single_rows():

@@ -33,9 +33,11 @@ from layerroute.evaluation import (  # noqa: E402
     agent_quality,
     answers_after_tool_results,
     paired_difference,
-    perplexity_by_type,
+    perplexity,
+    perplexity_by_source,
     quality_summary,
-    routing_report,
+    routing_summary,
+    scored_steps,
     wall_clock_by_type,
 )
 from layerroute.grammar import DecodingGrammars  # noqa: E402
@@ -68,6 +70,9 @@ def main(argv=None) -> int:
                              "and static-pruning adapters")
     parser.add_argument("--timing-steps", type=int, default=8, help="steps per type timed routed vs full depth")
     parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--skip-threshold", type=float, default=None,
+                        help="decision threshold for LayerRoute's routers instead of the adapter's router_threshold "
+                             "(a block runs when its keep probability is above it; lower skips less)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--on-bad-record", choices=("raise", "skip"), default="raise")
     args = parser.parse_args(argv)
@@ -98,16 +103,23 @@ def main(argv=None) -> int:
 
     result = {"adapter": str(args.adapter), "data": args.data, "max_length": args.max_length,
               "steps_over_max_length": {kind: over_budget.get(kind, 0) for kind in STEP_TYPES}}
-    result.update(routing_report(model, every, by_source=True))
-    by_type = result["by_step_type"]
-    perplexities = {
-        "base": perplexity_by_type(model, every, forced_skip=(), lora=False),
-        "layerroute": perplexity_by_type(model, every),
-        "layerroute_full_depth": perplexity_by_type(model, every, forced_skip=()),
+    scored = {
+        "base": scored_steps(model, every, forced_skip=(), lora=False),
+        "layerroute": scored_steps(model, every, skip_threshold=args.skip_threshold),
+        "layerroute_full_depth": scored_steps(model, every, forced_skip=()),
     }
+    result.update(routing_summary(scored["layerroute"], model.num_layers, by_source=True))
+    by_type = result["by_step_type"]
+    perplexities = {name: perplexity(records) for name, records in scored.items()}
+    by_source = {name: perplexity_by_source(records) for name, records in scored.items()}
+    for source, kinds in result["by_source"].items():
+        for kind, values in kinds.items():
+            ppl = values["perplexity"] = {name: by_source[name][source][kind] for name in scored}
+            # what skipping costs, apart from what LoRA does: routed against the same adapter at full depth
+            values["skip_cost"] = ppl["layerroute"] / ppl["layerroute_full_depth"] - 1
     grammars = DecodingGrammars(tokenizer, base.get_output_embeddings().weight.shape[0])
     records = {
-        "layerroute": agent_quality(model, tokenizer, grammars, generated),
+        "layerroute": agent_quality(model, tokenizer, grammars, generated, skip_threshold=args.skip_threshold),
         "layerroute_full_depth": agent_quality(model, tokenizer, grammars, generated, forced_skip=()),
         "base": agent_quality(model, tokenizer, grammars, for_baselines, forced_skip=(), lora=False),
     }
@@ -115,14 +127,17 @@ def main(argv=None) -> int:
         baseline = LayerRouteModel.from_pretrained(path, base_model=copy_of_base).eval()
         # LoRA-only never skips; static pruning skips through its constant routers
         forced_skip = () if name == "lora_only" else None
-        perplexities[name] = perplexity_by_type(baseline, every, forced_skip=forced_skip)
+        baseline_scored = scored_steps(baseline, every, forced_skip=forced_skip)
+        perplexities[name] = perplexity(baseline_scored)
         records[name] = agent_quality(baseline, tokenizer, grammars, for_baselines, forced_skip=forced_skip)
         if name == "static_pruning":
+            static = routing_summary(baseline_scored, baseline.num_layers)["by_step_type"]
             result["static_pruning"] = {kind: {k: v for k, v in values.items() if k != "block_skip_rate"}
-                                        for kind, values in routing_report(baseline, every)["by_step_type"].items()}
+                                        for kind, values in static.items()}
     for kind in by_type:
         by_type[kind].pop("block_skip_rate")
-        by_type[kind]["perplexity"] = {name: values.get(kind) for name, values in perplexities.items()}
+        ppl = by_type[kind]["perplexity"] = {name: values.get(kind) for name, values in perplexities.items()}
+        by_type[kind]["skip_cost"] = ppl["layerroute"] / ppl["layerroute_full_depth"] - 1
     result["agent_quality"] = {name: quality_summary(r) for name, r in records.items()}
     result["agent_quality_by_source"] = {
         name: {source: quality_summary([r for r in records[name] if r["source"] == source])
@@ -133,7 +148,7 @@ def main(argv=None) -> int:
         if (paired := paired_difference(records["layerroute_full_depth"], records["layerroute"], key))}
     model.merge_lora()  # timed as served
     timed = [e for _, e in cases["tool_call"][: args.timing_steps] + cases["planning"][: args.timing_steps]]
-    result["wall_clock_by_type"] = wall_clock_by_type(model, timed, args.timing_repeats)
+    result["wall_clock_by_type"] = wall_clock_by_type(model, timed, args.timing_repeats, args.skip_threshold)
     print(json.dumps(result, indent=2))
     write_markdown(args.adapter / "evaluation.md", result)
     return 0
@@ -170,9 +185,14 @@ def write_markdown(path: Path, result: dict) -> None:
     skipped = result["steps_over_max_length"]
     lines += ["", f"Steps over the {result['max_length']}-token budget (not evaluated): "
               + ", ".join(f"{kind} {count}" for kind, count in skipped.items()) + "."]
-    lines += ["", "| source | step type | steps | FLOPs skipped |", "|---|---|---|---|"]
+    lines += ["", "Per source; skip cost is routed perplexity against the same adapter at full depth:", "",
+              "| source | step type | steps | FLOPs skipped | ppl base | ppl full depth | ppl routed | skip cost |",
+              "|---|---|---|---|---|---|---|---|"]
     for source, kinds in result["by_source"].items():
-        lines += [f"| {source} | {kind} | {v['steps']} | {v['flops_skipped_frac']:.1%} |" for kind, v in kinds.items()]
+        for kind, v in kinds.items():
+            ppl = v["perplexity"]
+            lines.append(f"| {source} | {kind} | {v['steps']} | {v['flops_skipped_frac']:.1%} | {ppl['base']:.3f} | "
+                         f"{ppl['layerroute_full_depth']:.3f} | {ppl['layerroute']:.3f} | {v['skip_cost']:+.1%} |")
     lines += ["", "Agent quality of generated steps (tools bound, calls grammar-constrained; 95% intervals):", "",
               "| model | valid calls | right tool | right arguments | final number | answer F1 |",
               "|---|---|---|---|---|---|"]
