@@ -67,13 +67,19 @@ HERMES_TOOLS_PROMPT = (
 )
 
 
-def _type_of(schema: dict) -> str:
-    if "enum" in schema:
+def _type_of(schema) -> str:
+    """A parameter's type as a signature shows it. Schemas come from logs as written, so anything that is not a
+    recognisable type or enum reads as ``any`` rather than failing a step."""
+    if not isinstance(schema, dict):
+        return "any"
+    if isinstance(schema.get("enum"), list):
         return "|".join(json.dumps(value) for value in schema["enum"])
     kind = schema.get("type", "any")
     if kind == "array" and isinstance(schema.get("items"), dict):
         return f"list[{_type_of(schema['items'])}]"
-    return kind if isinstance(kind, str) else "|".join(kind)
+    if isinstance(kind, list) and kind and all(isinstance(k, str) for k in kind):
+        return "|".join(kind)
+    return kind if isinstance(kind, str) else "any"
 
 
 def tool_signature(tool: dict) -> str:
@@ -87,7 +93,7 @@ def tool_signature(tool: dict) -> str:
     parameters = function.get("parameters") or {}
     required = set(parameters.get("required") or [])
     arguments = ", ".join(
-        f"{name}{'' if name in required else '?'}: {_type_of(schema if isinstance(schema, dict) else {})}"
+        f"{name}{'' if name in required else '?'}: {_type_of(schema)}"
         for name, schema in (parameters.get("properties") or {}).items()
     )
     description = (function.get("description") or "").strip()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -232,3 +233,122 @@ def test_llamafactory_sharegpt_function_call_and_observation(tmp_path):
     tool = trace.messages[2]
     assert tool["tool_call_id"] == call["id"] and tool["name"] == "search_recipes"  # not the result's "name"
     assert [s.step_type for s in trace_steps(trace)] == ["tool_call", "planning"]
+
+
+# ---------------------------------------------------------------------------------------------- malformed input
+def write_trace(tmp_path, messages, name="log.jsonl"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"id": "t", "messages": messages}) + "\n")
+    return path
+
+
+USER = {"role": "user", "content": "Weather in Paris and Rome?"}
+CALLS = {"role": "assistant", "content": "", "tool_calls": [
+    {"id": "c1", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+    {"id": "c2", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}
+ANSWER = {"role": "assistant", "content": "21 C and 25 C."}
+
+
+def result(call_id=None, name=None):
+    return {"role": "tool", "content": "{}", **({"tool_call_id": call_id} if call_id else {}),
+            **({"name": name} if name else {})}
+
+
+@pytest.mark.parametrize("messages, reason", [
+    ([USER, CALLS, result("c1"), result("c9"), ANSWER], r"message 3 is a tool result for 'c9', which answers no call"),
+    ([USER, result("c1"), ANSWER], r"message 1 is a tool result for 'c1', which answers no call"),
+    ([USER, ANSWER, result(), ANSWER], r"message 2 is a tool result for 'no id', which answers no call"),
+    ([USER, CALLS, result("c1"), result("c1"), ANSWER], r"message 3 answers tool call 'c1' a second time"),
+    ([USER, {**CALLS, "tool_calls": [CALLS["tool_calls"][0]] * 2}], r"message 1 gives more than one tool call the id 'c1'"),
+    ([USER, CALLS, result("c1"), USER, ANSWER], r"message 3 \(user\) follows tool call\(s\) \['c2'\] without"),
+    ([USER, CALLS, ANSWER], r"message 2 \(assistant\) follows tool call\(s\) \['c1', 'c2'\] without"),
+    ([{"role": "system", "content": "s"}, ANSWER, USER, ANSWER], r"message 1 \(assistant\) comes before any user"),
+    ([result("c1"), USER, ANSWER], r"message 0 \(tool\) comes before any user message"),
+])
+def test_conversations_out_of_order_are_reported_with_file_and_line(tmp_path, messages, reason):
+    path = write_trace(tmp_path, messages)
+    with pytest.raises(BadRecordError, match=rf"log\.jsonl:1: {reason}"):
+        read_traces(path)
+
+
+def test_results_without_ids_answer_the_calls_in_order_and_a_trace_may_end_on_calls(tmp_path):
+    path = write_trace(tmp_path, [USER, CALLS, result(), result(), ANSWER, USER, CALLS])
+    (trace,) = read_traces(path).traces
+    assert [(m["tool_call_id"], m["name"]) for m in trace.messages if m["role"] == "tool"] == [
+        ("c1", "get_weather"), ("c2", "get_weather")]
+    assert [s.step_type for s in trace_steps(trace)] == ["tool_call", "planning", "tool_call"]
+
+
+def test_skipped_records_are_counted_by_kind_of_reason(tmp_path):
+    path = tmp_path / "log.jsonl"
+    good = {"id": "ok", "messages": [USER, ANSWER]}
+    path.write_text("\n".join([json.dumps(good), json.dumps({"messages": [USER, result("a"), ANSWER]}),
+                               json.dumps({"messages": [USER, result("b"), ANSWER]}), "{oops", ""]))
+    result_ = read_traces(path, on_bad_record="skip")
+    assert [t.id for t in result_.traces] == ["ok"]
+    assert result_.skipped_summary() == {"a tool result answering no call": 2, "invalid JSON": 1}
+    assert [(s.line, s.kind) for s in result_.skipped][0] == (2, "a tool result answering no call")
+    assert "'a'" in result_.skipped[0].reason and "'b'" in result_.skipped[1].reason  # particulars kept per record
+
+
+def test_a_truncated_gzip_log_keeps_what_came_before_and_names_the_line(tmp_path):
+    records = [json.dumps({"id": str(i), "messages": [USER, ANSWER]}) for i in range(2000)]
+    data = gzip.compress(("\n".join(records) + "\n").encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadRecordError, match=r"cut\.jsonl\.gz:\d+: the file is truncated or corrupt from here on"):
+        read_traces(path)
+    read = read_traces(path, on_bad_record="skip")
+    assert 0 < len(read.traces) < 2000 and [t.id for t in read.traces] == [str(i) for i in range(len(read.traces))]
+    assert read.skipped_summary() == {"truncated or corrupt file": 1}
+    assert read.skipped[0].line == len(read.traces) + 1
+
+
+def test_binary_and_misencoded_logs_name_file_line_and_byte(tmp_path):
+    path = tmp_path / "log.jsonl"
+    good = json.dumps({"id": "ok", "messages": [USER, ANSWER]}).encode()
+    path.write_bytes(good + b"\n" + "caf\u00e9".encode("latin-1") + b"\n" + good + b"\n")
+    with pytest.raises(BadRecordError, match=r"log\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 4\)"):
+        read_traces(path)
+    assert len(read_traces(path, on_bad_record="skip").traces) == 2
+
+
+def test_a_byte_order_mark_and_gzip_under_any_name_are_read(tmp_path):
+    record = json.dumps({"id": "ok", "messages": [USER, ANSWER]})
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + record.encode() + b"\n")
+    zipped = tmp_path / "zipped.jsonl"  # compressed, though its name does not say so
+    zipped.write_bytes(gzip.compress(record.encode()))
+    assert [len(read_traces(p).traces) for p in (bom, zipped)] == [1, 1]
+
+
+def test_records_of_a_json_document_are_reported_at_the_line_they_start_on(tmp_path):
+    path = tmp_path / "log.json"
+    good = {"id": "ok", "messages": [USER, ANSWER]}
+    path.write_text(json.dumps([good, good, {"id": "bad", "messages": []}], indent=2))
+    starts = [number for number, text in enumerate(path.read_text().splitlines(), start=1) if text == "  {"]
+    assert len(starts) == 3
+    line = starts[2]  # the third record's opening brace
+    with pytest.raises(BadRecordError, match=rf"log\.json:{line}: `messages` must be a non-empty list"):
+        read_traces(path)
+
+
+def test_json_nested_past_the_parser_and_wrong_shapes_are_reported(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(["[" * 100_000, '{"messages": [{"role": "user", "content": 5}]}',
+                               '{"messages": "hi"}', '{"tools": 3, "messages": []}', "7"]) + "\n")
+    reasons = [s.reason for s in read_traces(path, on_bad_record="skip").skipped]
+    assert reasons[0].startswith("invalid JSON: maximum recursion depth")
+    assert reasons[1] == "message 0: message content must be a string, got a number"
+    assert reasons[2] == "`messages` must be a non-empty list"
+    assert reasons[3] == "`tools` must be a list, got a number"
+    assert reasons[4] == "a record must be an object, got a number"
+
+
+def test_a_missing_log_is_a_user_error(tmp_path):
+    from layerroute.errors import MissingInputError
+
+    with pytest.raises(MissingInputError, match="does not exist"):
+        read_traces(tmp_path / "nope.jsonl")
+    with pytest.raises(MissingInputError, match="is not a file"):
+        read_traces(tmp_path)

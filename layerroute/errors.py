@@ -1,0 +1,64 @@
+"""Errors the user can fix, and the one wrapper every command-line entry point uses to report them.
+
+A :class:`UserError` is about what the user passed (a missing file, a malformed log, a model or adapter that does not
+fit, an occupied output directory), so a command prints its message as ``prog: error: ...`` and exits with status 2;
+a traceback would only point into LayerRoute's own code. Anything else is a bug and keeps its traceback. ``--debug``
+(anywhere on a command line) shows the traceback of user errors too.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+USER_ERROR_STATUS = 2  # argparse's status for bad usage: both mean "fix what you passed"
+DEBUG_FLAG = "--debug"
+
+
+class UserError(Exception):
+    """Bad input the user can fix; the message says what is wrong and, where it helps, what to do."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file, directory or data set the user named does not exist or cannot be reached."""
+
+
+@contextmanager
+def user_input(what: str) -> Iterator[None]:
+    """Re-raise ``ValueError`` and ``OSError`` from loading something the user named as a :class:`UserError`.
+
+    For library calls whose documented ``ValueError`` / ``OSError`` mean "this input does not fit" (an adapter trained
+    on another base model, a model directory that is not one); ``what`` names the input in the message. The original
+    exception stays chained, so ``--debug`` shows where it came from.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, OSError) as error:
+        raise UserError(f"{what}: {error}") from error
+
+
+def command(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable[[list[str] | None], int]]:
+    """Decorate a ``main(argv) -> int``: a :class:`UserError` becomes ``prog: error: message`` on stderr and exit
+    status 2, other exceptions propagate with their traceback. ``--debug`` is taken out of ``argv`` wherever it
+    stands (so every subcommand accepts it) and lets user errors propagate too."""
+
+    def decorate(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+        @functools.wraps(main)
+        def wrapped(argv: list[str] | None = None) -> int:
+            argv = list(sys.argv[1:] if argv is None else argv)
+            debug = DEBUG_FLAG in argv
+            try:
+                return main([a for a in argv if a != DEBUG_FLAG])
+            except UserError as error:
+                if debug:
+                    raise
+                print(f"{prog}: error: {error}", file=sys.stderr)
+                return USER_ERROR_STATUS
+
+        return wrapped
+
+    return decorate
