@@ -1,10 +1,10 @@
 """Dynamic batching of chat steps that keeps the savings of routing.
 
 A batch of rows runs a block when any of its rows keeps it, so a mixed batch saves only the blocks every row skips.
-:class:`BatchScheduler` therefore decides every row's route first, from its prompt alone (one batched forward of the
-decoder, :func:`~layerroute.chat.route_steps`), and then generates each group of rows that skip the same blocks as
-one batch with those blocks forced off: every row keeps its own savings, and the batch still amortises the per-token
-overhead over its rows.
+:class:`BatchScheduler` therefore routes and prefills every step of a batch alone first (its prompt, batch of one:
+:func:`~layerroute.chat.prefill_step`), and then decodes each group of steps that skip the same blocks as one batch,
+from their prefilled caches, with those blocks forced off: every row keeps its own savings, the prompt runs once, and
+decoding, where batching pays, still amortises the per-token overhead over the group's rows.
 
 The scheduler is framework-free (a worker thread and :class:`concurrent.futures.Future`); ``layerroute serve`` puts it
 behind HTTP.
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from .chat import ChatAnswer, ChatEngine, ChatStep, TextDeltas, route_steps
+from .chat import ChatAnswer, ChatEngine, ChatStep, Prefill, TextDeltas, prefill_step
 from .flops import block_flops, causal_key_reads
 
 logger = logging.getLogger(__name__)
@@ -34,17 +34,18 @@ class Served:
             what its routers skipped).
         queue_s: seconds between submission and the start of the batch that served it.
         batch_rows: rows of the ``generate`` call that served it.
-        flops_executed: FLOPs the server executed for the step: its ``flops_total`` less the blocks that every row of
-            its batch skipped (a block the step skipped but a batch-mate kept ran for both).
-        routing_flops: FLOPs of deciding the step's route before generating it (a prefill of its prompt through the
-            blocks its routing batch ran); 0 when the routers decided inside generation.
+        flops_executed: FLOPs the server executed for the step once: its ``flops_total`` less the blocks that every
+            row of its batch skipped (a block the step skipped but a batch-mate kept ran for both).
+        recomputed_flops: FLOPs spent twice: a prefilled step's last prompt token, forwarded in the prefill that
+            decided its route and again when decoding began (for its logits); 0 when the routers decided inside
+            generation.
     """
 
     answer: ChatAnswer
     queue_s: float
     batch_rows: int
     flops_executed: int
-    routing_flops: int
+    recomputed_flops: int
 
 
 @dataclass(eq=False)
@@ -136,52 +137,34 @@ class BatchScheduler:
         by_settings: dict[tuple, list[Job]] = {}
         for job in jobs:
             by_settings.setdefault(job.step.batch_key, []).append(job)
-        groups: list[tuple[list[Job], frozenset[int] | None]] = []
-        routing_flops: dict[int, int] = {}
-        if self.grouping:
-            # A batch of one keeps the routers deciding inside generation: no routing forward to pay.
-            to_route = [job for same in by_settings.values() if len(same) > 1 for job in same]
-            skips = dict(zip(map(id, to_route), self._route(to_route, routing_flops))) if to_route else {}
-            for same in by_settings.values():
-                by_skip: dict[frozenset[int] | None, list[Job]] = {}
+        for same in by_settings.values():
+            if len(same) == 1:  # alone: the routers decide inside generation, nothing is prefilled apart
+                self._generate(same, None, began)
+            elif self.grouping:
+                by_skip: dict[frozenset[int], list[tuple[Job, Prefill]]] = {}
                 for job in same:
-                    by_skip.setdefault(skips.get(id(job)), []).append(job)
-                groups.extend((group, skip) for skip, group in by_skip.items())
-        else:
-            for same in by_settings.values():
+                    if (prefill := self._prefill(job)) is not None:
+                        by_skip.setdefault(prefill.skip, []).append((job, prefill))
+                for group in by_skip.values():
+                    self._generate([job for job, _ in group], [prefill for _, prefill in group], began)
+            else:
                 by_route: dict[tuple, list[Job]] = {}
                 for job in same:
                     by_route.setdefault((job.step.routing, job.step.skip_threshold), []).append(job)
-                groups.extend((group, None) for group in by_route.values())
-        for group, skip in groups:
-            self._generate(group, skip, began, routing_flops)
+                for group in by_route.values():
+                    self._generate(group, None, began)
 
-    def _route(self, jobs: list[Job], routing_flops: dict[int, int]) -> list[frozenset[int]]:
-        """Every job's skip set, and (into ``routing_flops``) what deciding it cost each."""
+    def _prefill(self, job: Job) -> Prefill | None:
+        if job.cancelled:
+            return None
         try:
-            skips = route_steps(self.engine, [job.step for job in jobs])
-        except Exception as error:  # noqa: BLE001 - the error belongs to the requests, not to the worker
-            logger.exception("routing a batch failed")
-            for job in jobs:
-                job.future.set_exception(error)
-            return [frozenset()] * len(jobs)
-        routed = [skip for job, skip in zip(jobs, skips) if job.step.routing != "off"]
-        common = frozenset.intersection(*routed) if routed else frozenset()
-        model = self.engine.model
-        for job in jobs:
-            if job.step.routing != "off":
-                tokens = job.step.prompt_tokens
-                per_block = block_flops(model.shape.block, tokens, causal_key_reads(0, tokens),
-                                        model.lora_flops_per_token)
-                routing_flops[id(job)] = per_block * (model.num_layers - len(common))
-        return skips
+            return prefill_step(self.engine, job.step)
+        except Exception as error:  # noqa: BLE001 - the error belongs to the request, not to the worker
+            logger.exception("prefilling a step failed")
+            job.future.set_exception(error)
+            return None
 
-    def _generate(self, jobs: list[Job], skip: frozenset[int] | None, began: float,
-                  routing_flops: dict[int, int]) -> None:
-        jobs = [job for job in jobs if not job.future.done()]  # a failed routing pass has answered them
-        if not jobs:
-            return
-
+    def _generate(self, jobs: list[Job], prefills: list[Prefill] | None, began: float) -> None:
         def on_token(row: int, token: int) -> None:
             job = jobs[row]
             if job.deltas is not None and (piece := job.deltas.push(token)):
@@ -189,7 +172,7 @@ class BatchScheduler:
 
         streaming = any(job.deltas is not None for job in jobs)
         try:
-            answers = self.engine.generate([job.step for job in jobs], forced_skip=skip,
+            answers = self.engine.generate([job.step for job in jobs], prefills=prefills,
                                            on_token=on_token if streaming else None,
                                            cancelled=lambda row: jobs[row].cancelled)
         except Exception as error:  # noqa: BLE001 - the error belongs to the requests, not to the worker
@@ -199,12 +182,18 @@ class BatchScheduler:
                     job.future.set_exception(error)
             return
         common = frozenset.intersection(*(frozenset(a.route["skipped_layers"]) for a in answers))
+        model = self.engine.model
         for job, answer in zip(jobs, answers):
             route = answer.route
             skipped = len(route["skipped_layers"])
             per_block = route["flops_skipped"] // skipped if skipped else 0
+            recomputed = 0
+            if prefills is not None:
+                tokens = job.step.prompt_tokens
+                recomputed = (model.num_layers - skipped) * block_flops(
+                    model.shape.block, 1, causal_key_reads(tokens - 1, 1), model.lora_flops_per_token)
             served = Served(answer=answer, queue_s=began - job.submitted, batch_rows=len(jobs),
                             flops_executed=route["flops_total"] - per_block * len(common),
-                            routing_flops=routing_flops.get(id(job), 0))
+                            recomputed_flops=recomputed)
             if not job.future.done():  # cancelled meanwhile: nobody waits for it
                 job.future.set_result(served)

@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .config import check_skip_threshold
 from .grammar import TOOL_CALL_TAG, DecodingGrammars
 from .loading import EMBEDDED_MODEL, default_adapter_dir, load_base_model
-from .model import LayerRouteModel
+from .model import LayerRouteModel, RoutedCache
 from .router import ROUTING_STATE, RoutingState
 from .steps import render_chat
 from .toolcalls import normalize_tool_choice, parse_tool_calls
@@ -232,8 +234,7 @@ class ChatEngine:
         choice = normalize_tool_choice(tool_choice, [tool["function"]["name"] for tool in tools])
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing must be 'auto' or 'off', got {routing!r}")
-        if skip_threshold is not None and not 0.0 <= skip_threshold <= 1.0:
-            raise ValueError(f"skip_threshold must lie in [0, 1], got {skip_threshold!r}")
+        check_skip_threshold(skip_threshold)
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -263,16 +264,16 @@ class ChatEngine:
         self,
         steps: Sequence[ChatStep],
         *,
-        forced_skip: Sequence[int] | None = None,
+        prefills: Sequence[Prefill] | None = None,
         on_token: Callable[[int, int], None] | None = None,
         cancelled: Callable[[int], bool] | None = None,
     ) -> list[ChatAnswer]:
         """Generate the answers of ``steps`` in one batch (left-padded); they must share their :attr:`batch_key`.
 
         Args:
-            forced_skip: skip exactly these blocks for every row instead of asking the routers (a batch grouped by
-                routed skip set, see :func:`route_steps`). Without it, the routers decide per row (a block then runs
-                when any row keeps it), unless every step has ``routing="off"``.
+            prefills: the steps already routed and prefilled (:func:`prefill_step`), all skipping the same blocks:
+                generation continues from their caches with those blocks off. Without them, the routers decide per
+                row (a block then runs when any row keeps it).
             on_token: ``on_token(row, token_id)`` for every generated token of every row, from this thread.
             cancelled: ``cancelled(row)``: a row for which it turns true stops generating (its answer is then cut).
 
@@ -284,15 +285,19 @@ class ChatEngine:
         if len({step.batch_key for step in steps}) > 1:
             raise ValueError("steps generated in one batch must share their generation settings (batch_key)")
         first = steps[0]
-        routings = {step.routing for step in steps}
-        thresholds = {step.skip_threshold for step in steps}
-        if forced_skip is None and (len(routings) > 1 or len(thresholds) > 1):
-            raise ValueError("a batch routed by its routers needs one routing mode and one skip_threshold; group "
-                             "the steps by routed skip set (route_steps) instead")
-        if forced_skip is None and routings == {"off"}:
-            forced_skip = ()
         input_ids, attention_mask = self._left_padded([step.prompt_ids for step in steps])
         kwargs: dict[str, Any] = {"max_new_tokens": first.max_new_tokens, "pad_token_id": self.pad_token_id}
+        if prefills is not None:
+            if len({prefill.skip for prefill in prefills}) != 1 or len(prefills) != len(steps):
+                raise ValueError("prefilled steps generated in one batch must skip the same blocks, one per step")
+            forced_skip = prefills[0].skip
+            kwargs["prefilled"] = (prefills[0].cache if len(prefills) == 1 else
+                                   _stacked_cache(self.model, [p.cache for p in prefills], input_ids.shape[1] - 1))
+        elif len({(step.routing, step.skip_threshold) for step in steps}) > 1:
+            raise ValueError("a batch routed by its routers needs one routing mode and one skip_threshold; prefill "
+                             "the steps (prefill_step) and group them by skip set instead")
+        else:
+            forced_skip = () if first.routing == "off" else None
         if first.do_sample:
             kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
         else:
@@ -301,7 +306,7 @@ class ChatEngine:
             kwargs.update(stop_strings=list(first.stop), tokenizer=self.tokenizer)
         if first.max_time:
             kwargs["max_time"] = first.max_time
-        if forced_skip is None and first.skip_threshold is not None:
+        if forced_skip is None:
             kwargs["skip_threshold"] = first.skip_threshold
         if any(step.grammar is not None for step in steps):
             kwargs["logits_processor"] = LogitsProcessorList(
@@ -369,42 +374,56 @@ class ChatEngine:
         return TextDeltas(self.tokenizer, step.stop, self.eos_token_ids)
 
 
-@torch.no_grad()
-def route_steps(engine: ChatEngine, steps: Sequence[ChatStep]) -> list[frozenset[int]]:
-    """The blocks each step's routers skip, decided from its prompt in one batched forward (no generation).
+@dataclass
+class Prefill:
+    """A step routed and prefilled alone, ready to be decoded in a batch with others that skip the same blocks.
 
-    Routes are decided from the prompt alone, so deciding them first lets a server group the rows of a batch by skip
-    set and generate each group with its skip set forced (:meth:`ChatEngine.generate`): a block the whole group
-    skips is then not executed, where a mixed batch would run it for the rows that keep it. Steps with
-    ``routing="off"`` skip nothing and are not forwarded.
-
-    Returns:
-        One skip set per step, in order.
+    Attributes:
+        skip: the blocks its routers skip (none with ``routing="off"``).
+        cache: ``(1, ..., prompt_tokens - 1, ...)`` KV entries of its prompt but the last token (generation feeds that
+            one again, for its logits), none in the skipped blocks.
     """
-    skips: list[frozenset[int] | None] = [frozenset() if step.routing == "off" else None for step in steps]
-    by_threshold: dict[float | None, list[int]] = {}
-    for row, step in enumerate(steps):
-        if skips[row] is None:
-            by_threshold.setdefault(step.skip_threshold, []).append(row)
-    for threshold, rows in by_threshold.items():
-        input_ids, attention_mask = engine._left_padded([steps[row].prompt_ids for row in rows])
-        keep = _routed_keep(engine.model, input_ids, attention_mask, threshold)
-        for row, row_keep in zip(rows, keep.tolist()):
-            skips[row] = frozenset(block for block, kept in enumerate(row_keep) if not kept)
-    return skips
+
+    skip: frozenset[int]
+    cache: RoutedCache
 
 
-def _routed_keep(model: LayerRouteModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 skip_threshold: float | None) -> torch.Tensor:
-    """``(batch, num_layers)`` bool: the blocks the routers keep for each row, from the decoder alone (no LM head:
-    its logits over every position and the whole vocabulary would cost more than a block and are not needed)."""
-    state = RoutingState(context_mask=attention_mask.bool())
+@torch.no_grad()
+def prefill_step(engine: ChatEngine, step: ChatStep) -> Prefill:
+    """Decide ``step``'s route from its prompt and keep the prompt's KV cache, in one forward of the decoder (batch of
+    one, so that no other row makes it run a block it skips; no LM head).
+
+    Routes are decided from the prompt alone, so a server can route every step of a batch first and then decode each
+    group of steps that skip the same blocks as one batch with those blocks forced off
+    (``ChatEngine.generate(steps, prefills=...)``): every row keeps its own savings, and the prompt is not run twice.
+    """
+    model = engine.model
+    input_ids = step.prompt_ids[None].to(model.device)
+    attention_mask = torch.ones_like(input_ids)
+    state = RoutingState(context_mask=attention_mask.bool(), skip_threshold=step.skip_threshold,
+                         forced_skip=frozenset() if step.routing == "off" else None)
+    cache = RoutedCache(config=model.base_model.config)
     token = ROUTING_STATE.set(state)
     try:
-        model.base_model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model.base_model.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
     finally:
         ROUTING_STATE.reset(token)
-    return torch.stack([state.keep[i] for i in range(model.num_layers)], dim=1)
+    cache.crop(-1)
+    return Prefill(frozenset(i for i in range(model.num_layers) if not bool(state.keep[i][0])), cache)
+
+
+def _stacked_cache(model: LayerRouteModel, caches: list[RoutedCache], length: int) -> RoutedCache:
+    """One-row caches of steps that skip the same blocks as one cache of ``length`` positions, each row left-padded
+    as its prompt is (the attention mask hides the padding)."""
+    stacked = RoutedCache(config=model.base_model.config)
+    for index in range(len(caches[0].layers)):
+        layers = [cache.layers[index] for cache in caches]
+        if not layers[0].is_initialized:  # a block the steps skip holds no entries
+            continue
+        keys = torch.cat([F.pad(layer.keys, (0, 0, length - layer.keys.shape[-2], 0)) for layer in layers])
+        values = torch.cat([F.pad(layer.values, (0, 0, length - layer.values.shape[-2], 0)) for layer in layers])
+        stacked.update(keys, values, index)
+    return stacked
 
 
 # ---------------------------------------------------------------------------------------------- messages
@@ -620,5 +639,5 @@ _ENGINES: dict[tuple, ChatEngine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-__all__ = ["ChatAnswer", "ChatEngine", "ChatStep", "ContextBudgetError", "InvalidToolCall", "TextDeltas", "ToolCall",
-           "canonical_messages", "canonical_tools", "cut_at_stop", "route_steps"]
+__all__ = ["ChatAnswer", "ChatEngine", "ChatStep", "ContextBudgetError", "InvalidToolCall", "Prefill", "TextDeltas",
+           "ToolCall", "canonical_messages", "canonical_tools", "cut_at_stop", "prefill_step"]

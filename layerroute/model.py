@@ -374,6 +374,7 @@ class LayerRouteModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         forced_skip: Iterable[int] | None = None,
         skip_threshold: float | None = None,
+        prefilled: RoutedCache | None = None,
         **generate_kwargs,
     ):
         """Like HF ``generate``; blocks the routers skip are not executed.
@@ -383,13 +384,19 @@ class LayerRouteModel(nn.Module):
         their hidden state); wall-clock savings come from blocks every row skips. ``forced_skip`` and
         ``skip_threshold`` override the routers as in :meth:`forward`.
 
+        ``prefilled`` continues from a :class:`RoutedCache` that already holds every prompt token but the last, filled
+        under the decisions ``forced_skip`` gives (a server that routes and prefills steps one by one, then decodes
+        the steps that skip the same blocks as one batch); it is filled further in place.
+
         After the call, :attr:`last_route` (batch of one) and :attr:`last_routes` (one per row) hold this thread's
         :class:`RouteStats`.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if "cache" in generate_kwargs or "past_key_values" in generate_kwargs:
-            raise ValueError("LayerRouteModel.generate manages its own KV cache; do not pass `cache`")
+            raise ValueError("LayerRouteModel.generate manages its own KV cache; pass a prefilled one as `prefilled`")
+        if prefilled is not None and forced_skip is None:
+            raise ValueError("a prefilled cache holds the blocks its decisions kept: pass those as forced_skip")
         state = RoutingState(
             context_mask=attention_mask.bool(),
             forced_skip=None if forced_skip is None else frozenset(forced_skip),
@@ -399,7 +406,9 @@ class LayerRouteModel(nn.Module):
         self.eval()
         token = ROUTING_STATE.set(state)
         try:
-            if generate_kwargs.get("use_cache", True):
+            if prefilled is not None:
+                generate_kwargs["cache"] = prefilled
+            elif generate_kwargs.get("use_cache", True):
                 generate_kwargs["cache"] = RoutedCache(config=self.base_model.config)
             output = self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         finally:
