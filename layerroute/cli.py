@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from .costs import CostReport, PriceModel, read_records
+from .errors import UserError, command, user_input
 from .steps import count_steps
-from .traces import FORMATS, BadRecordError, read_sources
+from .traces import FORMATS, read_sources
 
 
 def steps_command(args: argparse.Namespace) -> int:
@@ -28,15 +29,19 @@ def steps_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    price = PriceModel(usd_per_gpu_hour=args.usd_per_gpu_hour, achieved_tflops=args.achieved_tflops,
-                       usd_per_tflop=args.usd_per_tflop)
-    report = CostReport.from_records(read_records(args.records), price, args.steps_per_day)
+    with user_input("--usd-per-gpu-hour / --achieved-tflops"):
+        price = PriceModel(usd_per_gpu_hour=args.usd_per_gpu_hour, achieved_tflops=args.achieved_tflops,
+                           usd_per_tflop=args.usd_per_tflop)
+    with user_input(str(args.records)):
+        report = CostReport.from_records(read_records(args.records), price, args.steps_per_day)
     print(report.to_markdown())
     if args.html:
-        args.html.write_text(report.to_html())
+        with user_input(f"--html {args.html}"):
+            args.html.write_text(report.to_html())
         print(f"HTML report written to {args.html}")
     if args.json:
-        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        with user_input(f"--json {args.json}"):
+            args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0
 
 
@@ -44,19 +49,23 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         from .serving import serve
     except ImportError as error:
-        raise ValueError(f"`layerroute serve` needs the serve extra ({error.name} is missing): "
-                         'pip install "layerroute[serve]"') from None
+        raise UserError(f"`layerroute serve` needs the serve extra ({error.name} is missing): "
+                        'pip install "layerroute[serve]"') from None
     from .chat import ChatEngine
 
     options = {"model_name": args.served_model_name, "context_budget": args.context_budget,
                "default_max_tokens": args.max_tokens, "api_key": args.api_key, "max_batch_size": args.max_batch_size,
                "batch_window_ms": args.batch_window_ms, "grouping": not args.no_grouping}
-    serve(ChatEngine.load(args.model, args.adapter, args.device), host=args.host, port=args.port, **options)
+    with user_input("--model / --adapter"):
+        engine = ChatEngine.load(args.model, args.adapter, args.device)
+    serve(engine, host=args.host, port=args.port, **options)
     return 0
 
 
+@command("layerroute")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="layerroute", description="LayerRoute command-line tools")
+    parser = argparse.ArgumentParser(prog="layerroute", description="LayerRoute command-line tools",
+                                     epilog="--debug, anywhere on the command line, shows an error's traceback")
     commands = parser.add_subparsers(dest="command", required=True)
     steps = commands.add_parser("steps", help="read agent logs and count their steps by type")
     steps.add_argument("files", nargs="+", help="JSON / JSONL agent logs (optionally .gz), or dataset names")
@@ -93,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                        "set (a baseline: a block then runs when any row keeps it)")
     serve.set_defaults(run=serve_command)
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (BadRecordError, FileNotFoundError, OSError, ValueError) as error:
-        print(f"layerroute {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import report_html
+from .errors import MissingInputError
+from .traces import BadRecordError
 
 RECORD_TYPE = "layerroute.step"
 
@@ -84,18 +86,48 @@ class PriceModel:
 
 
 def read_records(path: str | Path) -> list[StepCostRecord]:
+    """The step-cost records of a JSONL file.
+
+    Raises:
+        MissingInputError: the file does not exist.
+        BadRecordError: a line is not a step-cost record (the error names the file and line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"step-cost records {path} do not exist")
     records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            values = json.loads(line)
+            values = json.loads(line)  # bytes: not UTF-8 is a UnicodeDecodeError, a ValueError
+            if not isinstance(values, dict):
+                raise ValueError(f"a record must be a JSON object, got {type(values).__name__}")
             if values.get("record_type") != RECORD_TYPE:
                 raise ValueError(f"record_type is {values.get('record_type')!r}, expected {RECORD_TYPE!r}")
-            records.append(StepCostRecord.from_dict(values))
-        except (json.JSONDecodeError, TypeError, ValueError) as error:
-            raise ValueError(f"{path}:{number}: not a LayerRoute step-cost record ({error})") from None
+            records.append(check_record(StepCostRecord.from_dict(values)))
+        except (TypeError, ValueError, RecursionError) as error:
+            raise BadRecordError(f"{path}:{number}: not a LayerRoute step-cost record ({error})") from None
     return records
+
+
+# What each annotation of StepCostRecord admits from JSON (a bool is an int to Python, never a count in a record).
+FIELD_TYPES = {"str": str, "int": int, "float": (int, float), "list[int]": list, "str | None": (str, type(None)),
+               "int | None": (int, type(None)), "float | None": (int, float, type(None)),
+               "list[dict] | None": (list, type(None)), "dict | None": (dict, type(None))}
+
+
+def check_record(record: StepCostRecord) -> StepCostRecord:
+    """``record`` if its fields hold what the report computes with; else a ``ValueError`` naming the field."""
+    for name, spec in StepCostRecord.__dataclass_fields__.items():
+        value = getattr(record, name)
+        if isinstance(value, bool) or not isinstance(value, FIELD_TYPES[spec.type]):
+            raise ValueError(f"`{name}` must be {spec.type}, got {value!r}")
+    if record.num_layers < 1 or not 0 <= record.flops_skipped <= record.flops_total:
+        raise ValueError("needs num_layers >= 1 and 0 <= flops_skipped <= flops_total")
+    if not all(type(layer) is int and 0 <= layer < record.num_layers for layer in record.skipped_layers):
+        raise ValueError(f"`skipped_layers` must be block indices below num_layers, got {record.skipped_layers}")
+    return record
 
 
 @dataclass

@@ -175,7 +175,8 @@ def validate_messages(messages) -> list[dict]:
                 calls.append(tool_call(function.get("name"), arguments, call.get("id") or f"call_{index}_{number}"))
             out["tool_calls"] = calls
         if role == "tool":
-            out["tool_call_id"] = expect(message.get("tool_call_id") or "", str, "a tool result's `tool_call_id`", where)
+            out["tool_call_id"] = expect(message.get("tool_call_id") or "", str, "a tool result's `tool_call_id`",
+                                         where)
             out["name"] = expect(message.get("name") or "", str, "a tool result's `name`", where)
         normalized.append(out)
     if not any(m["role"] == "assistant" for m in normalized):

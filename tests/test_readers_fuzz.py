@@ -9,7 +9,8 @@ reader, as JSONL, as a JSON document, gzipped and gzipped then cut short. The on
   where ``raise`` stopped; in a JSONL file every non-blank line is a trace or a skipped record (nothing lost).
 
 Whatever is read renders as a model step's context (tool signatures included), so a bad shape cannot slip through to
-tokenisation.
+tokenisation. The step-cost records behind ``layerroute report`` get the same treatment: read and rendered (Markdown
+and HTML), or a :class:`BadRecordError` at ``file:line``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from layerroute.costs import CostReport, read_records
 from layerroute.steps import hermes_messages, tool_signature, trace_steps
 from layerroute.traces import FORMATS, GZIP_MAGIC, BadRecordError, read_traces
 
@@ -74,9 +76,12 @@ def at(value, path):
     return value
 
 
+COST_RECORDS = [json.loads(line) for line in (ROOT / "docs" / "cost-report-records.jsonl").read_text().splitlines()]
+
+
 @st.composite
-def mutated_records(draw):
-    record = copy.deepcopy(draw(st.sampled_from(SEEDS)))
+def mutated_records(draw, seeds=SEEDS):
+    record = copy.deepcopy(draw(st.sampled_from(seeds)))
     for _ in range(draw(st.integers(1, 4))):
         path = draw(st.sampled_from(list(paths(record))))
         target = at(record, path)
@@ -102,9 +107,9 @@ def mutated_records(draw):
 
 
 @st.composite
-def log_bytes(draw) -> bytes:
+def log_bytes(draw, seeds=SEEDS) -> bytes:
     """JSONL lines of mutated records, with now and then a line of random bytes or a byte flipped."""
-    lines = [json.dumps(draw(mutated_records()), ensure_ascii=draw(st.booleans())).encode()
+    lines = [json.dumps(draw(mutated_records(seeds)), ensure_ascii=draw(st.booleans())).encode()
              for _ in range(draw(st.integers(1, 4)))]
     if draw(st.booleans()):
         lines.insert(draw(st.integers(0, len(lines))), draw(st.binary(max_size=40)))
@@ -188,3 +193,19 @@ def test_mutated_real_records_are_read_or_reported(tmp_path, data, container, cu
        format=st.sampled_from((None,) + FORMATS))
 def test_random_bytes_are_read_or_reported(tmp_path, data, container, cut, format):
     check_reads(write(tmp_path, data, container, cut), data, container, format)
+
+
+@FUZZ
+@given(data=log_bytes(COST_RECORDS) | st.binary(max_size=300))
+def test_step_cost_records_are_read_and_rendered_or_reported(tmp_path, data):
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(data)
+    try:
+        records = read_records(path)
+    except BadRecordError as error:
+        assert re.match(rf"{re.escape(str(path))}:\d+: not a LayerRoute step-cost record \(", str(error)), error
+        return
+    if records:
+        report = CostReport.from_records(records)
+        report.to_markdown()
+        report.to_html()

@@ -259,7 +259,8 @@ def result(call_id=None, name=None):
     ([USER, result("c1"), ANSWER], r"message 1 is a tool result for 'c1', which answers no call"),
     ([USER, ANSWER, result(), ANSWER], r"message 2 is a tool result for 'no id', which answers no call"),
     ([USER, CALLS, result("c1"), result("c1"), ANSWER], r"message 3 answers tool call 'c1' a second time"),
-    ([USER, {**CALLS, "tool_calls": [CALLS["tool_calls"][0]] * 2}], r"message 1 gives more than one tool call the id 'c1'"),
+    ([USER, {**CALLS, "tool_calls": [CALLS["tool_calls"][0]] * 2}],
+     r"message 1 gives more than one tool call the id 'c1'"),
     ([USER, CALLS, result("c1"), USER, ANSWER], r"message 3 \(user\) follows tool call\(s\) \['c2'\] without"),
     ([USER, CALLS, ANSWER], r"message 2 \(assistant\) follows tool call\(s\) \['c1', 'c2'\] without"),
     ([{"role": "system", "content": "s"}, ANSWER, USER, ANSWER], r"message 1 \(assistant\) comes before any user"),
@@ -287,7 +288,7 @@ def test_skipped_records_are_counted_by_kind_of_reason(tmp_path):
     result_ = read_traces(path, on_bad_record="skip")
     assert [t.id for t in result_.traces] == ["ok"]
     assert result_.skipped_summary() == {"a tool result answering no call": 2, "invalid JSON": 1}
-    assert [(s.line, s.kind) for s in result_.skipped][0] == (2, "a tool result answering no call")
+    assert (result_.skipped[0].line, result_.skipped[0].kind) == (2, "a tool result answering no call")
     assert "'a'" in result_.skipped[0].reason and "'b'" in result_.skipped[1].reason  # particulars kept per record
 
 

@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteModel, load_base_model  # noqa: E402
+from layerroute.config import check_skip_threshold  # noqa: E402
+from layerroute.errors import MissingInputError, UserError, command, user_input  # noqa: E402
 from layerroute.evaluation import (  # noqa: E402
     QUALITY_RATES,
     agent_quality,
@@ -46,6 +48,7 @@ from layerroute.steps import STEP_TYPES, tokenize_step, trace_steps  # noqa: E40
 from layerroute.traces import read_sources  # noqa: E402
 
 
+@command("evaluate")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", type=Path, required=True, help="directory written by finetune.py")
@@ -77,15 +80,32 @@ def main(argv=None) -> int:
     parser.add_argument("--on-bad-record", choices=("raise", "skip"), default="raise")
     args = parser.parse_args(argv)
 
-    recorded = json.loads((args.adapter / ADAPTER_CONFIG).read_text())["base_model"]["name_or_path"]
-    base, tokenizer = load_base_model(args.model or recorded)
-    # wrapping modifies a base in place: each baseline adapter gets its own copy
-    baselines = {name: (path, copy.deepcopy(base)) for name, path in
-                 (("lora_only", args.lora_only), ("static_pruning", args.static_pruning)) if path}
-    model = LayerRouteModel.from_pretrained(args.adapter, base_model=base).eval()
-    steps = [s for t in read_sources(args.data, on_bad_record=args.on_bad_record).traces for s in trace_steps(t)]
+    # what the user passed is checked, and the data read, before any model loads
+    with user_input("--skip-threshold"):
+        check_skip_threshold(args.skip_threshold)
+    adapters = {"--adapter": args.adapter, "--lora-only": args.lora_only, "--static-pruning": args.static_pruning}
+    for flag, path in adapters.items():
+        if path is not None and not (path / ADAPTER_CONFIG).is_file():
+            raise MissingInputError(f"{flag} {path} is not a LayerRoute adapter directory (it has no {ADAPTER_CONFIG})")
+    read = read_sources(args.data, on_bad_record=args.on_bad_record)
+    if read.skipped:
+        print(f"skipped {len(read.skipped)} unreadable records: {read.skipped_summary()}", file=sys.stderr)
+    steps = [s for t in read.traces for s in trace_steps(t)]
     if not steps:
-        raise SystemExit(f"no assistant steps in {args.data}")
+        raise UserError(f"no assistant steps in {args.data}")
+    with user_input(f"--adapter {args.adapter}"):
+        recorded = json.loads((args.adapter / ADAPTER_CONFIG).read_text())["base_model"]["name_or_path"]
+    with user_input("--model"):
+        base, tokenizer = load_base_model(args.model or recorded)
+    # wrapping modifies a base in place: each adapter gets its own copy, loaded up front so that one that does not
+    # fit the base fails before the evaluation runs
+    baselines = {}
+    for name, flag in (("lora_only", "--lora-only"), ("static_pruning", "--static-pruning")):
+        if adapters[flag] is not None:
+            with user_input(f"{flag} {adapters[flag]}"):
+                baselines[name] = LayerRouteModel.from_pretrained(adapters[flag], base_model=copy.deepcopy(base)).eval()
+    with user_input(f"--adapter {args.adapter}"):
+        model = LayerRouteModel.from_pretrained(args.adapter, base_model=base).eval()
     random.Random(args.seed).shuffle(steps)
     cases: dict[str, list] = {kind: [] for kind in STEP_TYPES}
     over_budget = Counter()
@@ -123,8 +143,7 @@ def main(argv=None) -> int:
         "layerroute_full_depth": agent_quality(model, tokenizer, grammars, generated, forced_skip=()),
         "base": agent_quality(model, tokenizer, grammars, for_baselines, forced_skip=(), lora=False),
     }
-    for name, (path, copy_of_base) in baselines.items():
-        baseline = LayerRouteModel.from_pretrained(path, base_model=copy_of_base).eval()
+    for name, baseline in baselines.items():
         # LoRA-only never skips; static pruning skips through its constant routers
         forced_skip = () if name == "lora_only" else None
         baseline_scored = scored_steps(baseline, every, forced_skip=forced_skip)

@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noqa: E402
+from layerroute.errors import MissingInputError, UserError, command, user_input  # noqa: E402
 from layerroute.evaluation import routing_report, write_training_report  # noqa: E402
-from layerroute.model import SKIP_COST_MEASURES  # noqa: E402
-from layerroute.traces import BadRecordError, read_sources  # noqa: E402
+from layerroute.model import ADAPTER_CONFIG, SKIP_COST_MEASURES  # noqa: E402
+from layerroute.traces import read_sources  # noqa: E402
 from layerroute.training import (  # noqa: E402
     PROBE_PRECISIONS,
     RouterAnchor,
@@ -167,6 +168,7 @@ def skip_rate_by_type(keep: torch.Tensor, step_types: list[str]) -> dict[str, fl
             for kind in sorted(set(step_types))}
 
 
+@command("finetune")
 def main(argv=None) -> int:
     args = parse_args(argv)
     # after a router warm-up the routers' weights are frozen mid-run, so DDP must not wait for their gradients
@@ -175,28 +177,35 @@ def main(argv=None) -> int:
                                   find_unused_parameters=bool(args.router_warmup))])
     torch.manual_seed(args.seed)
     output, checkpoint = args.output, args.output / "checkpoint"
-    if checkpoint.exists() and not args.resume:
-        raise SystemExit(f"{output} already holds a run; pass --resume to continue it or choose another --output")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; choose a directory")
+    if (checkpoint.exists() or (output / ADAPTER_CONFIG).exists()) and not args.resume:
+        raise UserError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
     if args.resume:
         if not checkpoint.exists():
-            raise SystemExit(f"--resume: {checkpoint} does not exist")
-        recorded = json.loads((checkpoint / "run.json").read_text())
+            raise MissingInputError(f"--resume: {checkpoint} does not exist")
+        with user_input(f"--resume: {checkpoint}"):
+            recorded = json.loads((checkpoint / "run.json").read_text())
         if recorded != run_identity(args):
             changed = {k: (recorded.get(k), v) for k, v in run_identity(args).items() if recorded.get(k) != v}
-            raise SystemExit(f"--resume: {output} holds a different run; changed settings (saved, now): {changed}")
+            raise UserError(f"--resume: {output} holds a different run; changed settings (saved, now): {changed}")
 
     # ---------------------------------------------------------------- data
+    # read before the model loads, so that a wrong path or a bad record costs no model load
     sources = args.data or [str(CORPUS / "train.jsonl.gz")]
-    base, tokenizer = load_base_model(args.model)
-    try:
-        read = read_sources(sources, on_bad_record=args.on_bad_record)
-        if read.skipped:
-            accelerator.print(f"skipped {len(read.skipped)} unreadable records: {read.skipped_summary()}")
-        if not read.traces:
-            raise SystemExit(f"finetune: error: no traces in {sources}")
+    validation_sources = args.validation_data or [str(CORPUS / "validation.jsonl.gz")]
+    read, validation = (read_sources(s, on_bad_record=args.on_bad_record) for s in (sources, validation_sources))
+    for logs, result in ((sources, read), (validation_sources, validation)):
+        if result.skipped:
+            accelerator.print(f"skipped {len(result.skipped)} unreadable records of {logs}: {result.skipped_summary()}")
+        if not result.traces:
+            raise UserError(f"no traces in {logs}")
+    with user_input("--model"):
+        base, tokenizer = load_base_model(args.model)
+    with user_input("--data"):
         train = build_examples(read.traces, tokenizer, args.max_length, args.max_target_length)
-    except (BadRecordError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"finetune: error: {error}") from None
+    with user_input("--validation-data"):
+        held_out = build_examples(validation.traces, tokenizer, args.max_length, args.max_target_length)
     accelerator.print(f"training steps by type (reporting only): {train.counts()}; dropped: {dict(train.dropped)}")
 
     # ---------------------------------------------------------------- model and optimiser
@@ -344,9 +353,7 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- adapter and report
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output)
-        held_out = read_sources(args.validation_data or [str(CORPUS / "validation.jsonl.gz")]).traces
-        examples = build_examples(held_out, tokenizer, args.max_length, args.max_target_length).examples
-        report = routing_report(unwrapped.eval(), examples[: args.report_steps])
+        report = routing_report(unwrapped.eval(), held_out.examples[: args.report_steps])
         write_training_report(output, report, metrics_path, run_identity(args))
         summary = {kind: {k: v for k, v in values.items() if k != "block_skip_rate"}
                    for kind, values in report["by_step_type"].items()}
