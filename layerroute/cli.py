@@ -56,6 +56,18 @@ def serve_command(args: argparse.Namespace) -> int:
     options = {"model_name": args.served_model_name, "context_budget": args.context_budget,
                "default_max_tokens": args.max_tokens, "api_key": args.api_key, "max_batch_size": args.max_batch_size,
                "batch_window_ms": args.batch_window_ms, "grouping": not args.no_grouping}
+    if args.replicas != 1 and not args.ray:
+        raise UserError("--replicas needs --ray (replicas run on Ray Serve)")
+    if args.ray:
+        try:
+            from .ray_serving import serve_on_ray
+        except ImportError as error:
+            raise UserError(f"`layerroute serve --ray` needs the ray extra ({error.name} is missing): "
+                            'pip install "layerroute[ray]"') from None
+        # each replica loads the model itself, when it starts
+        serve_on_ray(args.model, args.adapter, args.device, replicas=args.replicas, host=args.host, port=args.port,
+                     **options)
+        return 0
     with user_input("--model / --adapter"):
         engine = ChatEngine.load(args.model, args.adapter, args.device)
     serve(engine, host=args.host, port=args.port, **options)
@@ -100,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                        "first request's batch-mates")
     serve.add_argument("--no-grouping", action="store_true", help="batch rows without grouping them by routed skip "
                        "set (a baseline: a block then runs when any row keeps it)")
+    serve.add_argument("--ray", action="store_true", help="serve on Ray Serve: --replicas copies behind Ray's proxy "
+                       "on --host:--port (needs the ray extra)")
+    serve.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, with --ray")
     serve.set_defaults(run=serve_command)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -304,3 +304,12 @@ def test_concurrent_http_requests_each_get_their_own_answer(engine, prompt_depen
         assert results == expected
         batched = client.get("/metrics").text
     assert 'layerroute_batch_rows_bucket{le="1.0"} 10.0' not in batched  # some rows shared a batch
+
+
+def test_serve_command_refuses_replicas_without_ray_and_a_missing_model(capsys):
+    from layerroute.cli import main
+
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert "--replicas needs --ray" in capsys.readouterr().err
+    assert main(["serve", "--model", "/no/such/model"]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -1,0 +1,56 @@
+"""``layerroute serve --ray``: the same OpenAI-compatible app on Ray Serve, replicas behind Ray's HTTP proxy.
+
+Every replica loads the model and runs the app of :func:`layerroute.serving.create_app`, with its own batching; Ray's
+proxy spreads requests over the replicas. Needs the ``ray`` extra (``pip install "layerroute[ray]"``)::
+
+    from ray import serve
+    from layerroute.ray_serving import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.run(build_app("Qwen/Qwen2.5-0.5B-Instruct", "runs/mine", replicas=2), name="layerroute", route_prefix="/")
+
+A replica's ``/metrics`` counts that replica's requests only (the proxy picks the replica); Ray Serve's own metrics
+cover the deployment as a whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.deployment import Application
+
+from .serving import DEFAULT_HOST, DEFAULT_PORT
+
+DEPLOYMENT_NAME = "layerroute"
+
+
+def build_app(model: str | None = None, adapter: str | None = None, device: str | None = None, *,
+              replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0, **app_options: Any) -> Application:
+    """The Ray Serve application: ``replicas`` copies of the app, each with ``num_cpus`` / ``num_gpus``.
+
+    ``model``, ``adapter`` and ``device`` are those of :meth:`~layerroute.chat.ChatEngine.load`; ``app_options`` those
+    of :func:`~layerroute.serving.create_app`. Each replica loads the model itself, when it starts.
+    """
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
+
+    def app_on_replica():
+        from .chat import ChatEngine
+        from .serving import create_app
+
+        return create_app(ChatEngine.load(model, adapter, device), **app_options)
+
+    ingress = serve.ingress(app_on_replica)()
+    deployment = serve.deployment(ingress, name=DEPLOYMENT_NAME, num_replicas=replicas,
+                                  ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus})
+    return deployment.bind()
+
+
+def serve_on_ray(model: str | None = None, adapter: str | None = None, device: str | None = None, *,
+                 replicas: int = 1, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **app_options: Any) -> None:
+    """Start Ray Serve's proxy on ``host:port`` (a local Ray instance unless ``RAY_ADDRESS`` names a cluster) and
+    serve :func:`build_app` there until interrupted."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(model, adapter, device, replicas=replicas, **app_options), name=DEPLOYMENT_NAME,
+              route_prefix="/", blocking=True)
