@@ -108,6 +108,8 @@ class ServerMetrics:
                                 ["endpoint", "status"], registry=r)
         self.cancelled = Counter("layerroute_requests_cancelled", "completions abandoned by their client",
                                  registry=r)
+        self.abandoned_tokens = Counter("layerroute_abandoned_tokens", "tokens generated for abandoned completions "
+                                        "(their rows stop at the next token)", registry=r)
         self.prompt_tokens = Counter("layerroute_prompt_tokens", "prompt tokens by step type", ["step_type"],
                                      registry=r)
         self.completion_tokens = Counter("layerroute_completion_tokens", "generated tokens by step type",
@@ -126,6 +128,17 @@ class ServerMetrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.batch_rows = Histogram("layerroute_batch_rows", "rows of the batch that served a completion",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+
+    def abandon(self, job: Job) -> None:
+        """Cancel ``job``, whose client has gone, and count what its row generated before it stopped."""
+        job.cancel()
+        self.cancelled.inc()
+
+        def count(future) -> None:
+            if not future.cancelled() and future.exception() is None:
+                self.abandoned_tokens.inc(future.result().answer.completion_tokens)
+
+        job.future.add_done_callback(count)
 
     def record(self, served: Served, latency: float) -> None:
         answer, kind = served.answer, served.answer.step_type
@@ -231,7 +244,7 @@ def create_app(
         job = scheduler.submit(step)
         served = await _await_unless_disconnected(job, request)
         if served is None:
-            metrics.cancelled.inc()
+            metrics.abandon(job)
             return Response(status_code=499)  # the client is gone; nobody reads this
         latency = time.perf_counter() - began
         metrics.record(served, latency)
@@ -322,15 +335,13 @@ def _prepare(engine: ChatEngine, body: ChatCompletionRequest, context_budget: in
 
 
 async def _await_unless_disconnected(job: Job, request: Request) -> Served | None:
-    """The job's result, or ``None`` (the job cancelled, its row freed) when the client disconnects first."""
-    result = asyncio.wrap_future(job.future)
+    """The job's result, or ``None`` when the client disconnects first."""
+    result = asyncio.shield(asyncio.wrap_future(job.future))
     disconnect = asyncio.ensure_future(_disconnected(request))
     done, _ = await asyncio.wait({result, disconnect}, return_when=asyncio.FIRST_COMPLETED)
     if result in done:
         disconnect.cancel()
         return result.result()
-    job.cancel()
-    result.cancel()
     return None
 
 
@@ -422,8 +433,7 @@ async def _stream(scheduler: BatchScheduler, step, request: Request, metrics: Se
     finally:
         disconnect.cancel()
         if not job.future.done():  # the client went away mid-stream: free the row
-            job.cancel()
-            metrics.cancelled.inc()
+            metrics.abandon(job)
 
 
 def serve(engine: ChatEngine, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **app_options: Any) -> None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from typing import Literal
 
+import httpx
 import openai
 import pytest
 import torch
@@ -184,3 +186,31 @@ def test_bounded_load_every_request_gets_its_own_answer(base_url, engine):
     assert len(results) == 192 and len({completion_id for _, (completion_id, *_) in results}) == 192
     mismatched = [prompt for prompt, (_, content, route) in results if (content, route) != expected[prompt]]
     assert not mismatched
+
+
+def counter(base_url: str, name: str) -> float:
+    metrics = httpx.get(base_url.removesuffix("/v1") + "/metrics").text
+    return float(re.search(rf"^{name}_total (\S+)$", metrics, re.M).group(1))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_cancels_its_request(base_url, stream):
+    cancelled, abandoned = (counter(base_url, f"layerroute_{name}") for name in ("requests_cancelled",
+                                                                               "abandoned_tokens"))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me everything"}], "max_tokens": 2000,
+            "stream": stream}
+    with httpx.Client(timeout=httpx.Timeout(30, read=None if stream else 0.3)) as client:
+        if stream:
+            with client.stream("POST", f"{base_url}/chat/completions", json=body) as response:
+                for line in response.iter_lines():  # the first generated piece arrives, then the client goes away
+                    if line.startswith("data: ") and '"role"' not in line:
+                        break
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                client.post(f"{base_url}/chat/completions", json=body)
+    deadline = time.monotonic() + 20
+    while counter(base_url, "layerroute_abandoned_tokens") == abandoned:  # counted once the row has stopped
+        assert time.monotonic() < deadline, "the abandoned request's row did not stop"
+        time.sleep(0.02)
+    assert counter(base_url, "layerroute_requests_cancelled") == cancelled + 1
+    assert 0 < counter(base_url, "layerroute_abandoned_tokens") - abandoned < 2000  # it stopped early
