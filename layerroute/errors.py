@@ -2,12 +2,14 @@
 
 A :class:`UserError` is about what the user passed (a missing file, a malformed log, a model or adapter that does not
 fit, an occupied output directory), so a command prints its message as ``prog: error: ...`` and exits with status 2;
-a traceback would only point into LayerRoute's own code. Anything else is a bug and keeps its traceback. ``--debug``
-(anywhere on a command line) shows the traceback of user errors too.
+a traceback would only point into LayerRoute's own code. A full disk or a read-only file system is reported the same
+way. Anything else is a bug and keeps its traceback. ``--debug`` (anywhere on a command line) shows the traceback of
+user errors too.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable, Iterator
@@ -15,6 +17,8 @@ from contextlib import contextmanager
 
 USER_ERROR_STATUS = 2  # argparse's status for bad usage: both mean "fix what you passed"
 DEBUG_FLAG = "--debug"
+# A full disk, a read-only file system, a directory the user may not write: the machine's state, never a bug.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class UserError(Exception):
@@ -42,9 +46,9 @@ def user_input(what: str) -> Iterator[None]:
 
 
 def command(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable[[list[str] | None], int]]:
-    """Decorate a ``main(argv) -> int``: a :class:`UserError` becomes ``prog: error: message`` on stderr and exit
-    status 2, other exceptions propagate with their traceback. ``--debug`` is taken out of ``argv`` wherever it
-    stands (so every subcommand accepts it) and lets user errors propagate too."""
+    """Decorate a ``main(argv) -> int``: a :class:`UserError`, or an ``OSError`` of :data:`ENVIRONMENT_ERRNOS`, becomes
+    ``prog: error: message`` on stderr and exit status 2; other exceptions propagate with their traceback. ``--debug``
+    is taken out of ``argv`` wherever it stands (so every subcommand accepts it) and lets these propagate too."""
 
     def decorate(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
         @functools.wraps(main)
@@ -53,8 +57,8 @@ def command(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable
             debug = DEBUG_FLAG in argv
             try:
                 return main([a for a in argv if a != DEBUG_FLAG])
-            except UserError as error:
-                if debug:
+            except (UserError, OSError) as error:
+                if debug or not isinstance(error, UserError) and error.errno not in ENVIRONMENT_ERRNOS:
                     raise
                 print(f"{prog}: error: {error}", file=sys.stderr)
                 return USER_ERROR_STATUS

@@ -6,6 +6,7 @@ any model loads, loading a model fails the test. One subprocess run checks what 
 
 from __future__ import annotations
 
+import errno
 import gzip
 import importlib.util
 import json
@@ -15,12 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_llama, tiny_qwen2
 
 from layerroute import LayerRouteModel
 from layerroute.cli import main as layerroute
 from layerroute.errors import MissingInputError, UserError, command
-
-from conftest import tiny_llama, tiny_qwen2
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -94,6 +94,15 @@ def test_user_errors_print_one_line_and_bugs_keep_their_traceback(capsys):
     with pytest.raises(KeyError):
         bug([])
 
+    @command("tool")
+    def write(argv):
+        raise OSError(int(argv[0]), os.strerror(int(argv[0])), "out/metrics.jsonl")
+
+    assert write([str(errno.ENOSPC)]) == 2  # a full disk is the machine's state, not a bug
+    assert capsys.readouterr().err == "tool: error: [Errno 28] No space left on device: 'out/metrics.jsonl'\n"
+    with pytest.raises(IsADirectoryError):
+        write([str(errno.EISDIR)])
+
 
 # ---------------------------------------------------------------------------------------------- layerroute
 def test_layerroute_steps_reports_bad_logs_without_a_traceback(tmp_path, capsys):
@@ -124,7 +133,7 @@ def test_layerroute_report_reports_bad_records_and_outputs(tmp_path, capsys):
     record = json.loads((ROOT / "docs" / "cost-report-records.jsonl").read_text().splitlines()[0])
     (tmp_path / "wrong.jsonl").write_text(json.dumps(record) + "\n" + json.dumps({**record, "flops_total": "1e9"}))
     assert layerroute(["report", str(tmp_path / "wrong.jsonl")]) == 2
-    assert f"wrong.jsonl:2: not a LayerRoute step-cost record (`flops_total` must be int, got '1e9')" in error_of(
+    assert "wrong.jsonl:2: not a LayerRoute step-cost record (`flops_total` must be int, got '1e9')" in error_of(
         capsys, "layerroute")
     (tmp_path / "empty.jsonl").write_text("")
     assert layerroute(["report", str(tmp_path / "empty.jsonl")]) == 2

@@ -19,10 +19,10 @@ read through the trained LoRA (``--router-refit-rounds``).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -30,13 +30,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noqa: E402
-from layerroute.errors import MissingInputError, UserError, command, user_input  # noqa: E402
+from layerroute.checkpoints import recover_directory, replace_directory  # noqa: E402
+from layerroute.errors import ENVIRONMENT_ERRNOS, MissingInputError, UserError, command, user_input  # noqa: E402
 from layerroute.evaluation import routing_report, write_training_report  # noqa: E402
 from layerroute.model import ADAPTER_CONFIG, SKIP_COST_MEASURES  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
@@ -133,20 +135,41 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def save_checkpoint(directory: Path, model, optimizers, schedulers, budget, anchor, step: int, args) -> None:
-    """Adapter + optimizers + schedulers + budget + anchor + step, written to a staging directory and swapped in
-    atomically."""
-    staging = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    """Adapter + optimizers + schedulers + budget + anchor + step, replacing the checkpoint as a whole
+    (:func:`layerroute.checkpoints.replace_directory`): killed at any point, or out of disk, the run keeps its last
+    complete checkpoint."""
+    state = io.BytesIO()  # serialised in memory, so that a full disk fails as an OSError of the write below
     torch.save({"optimizers": [o.state_dict() for o in optimizers], "schedulers": [s.state_dict() for s in schedulers],
-                "budget": budget.state_dict(), "anchor": anchor.state_dict(), "step": step},
-               staging / "training_state.pt")
-    (staging / "run.json").write_text(json.dumps(run_identity(args), indent=2))
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)
+                "budget": budget.state_dict(), "anchor": anchor.state_dict(), "step": step}, state)
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        (staging / "training_state.pt").write_bytes(state.getvalue())
+        (staging / "run.json").write_text(json.dumps(run_identity(args), indent=2))
+
+    try:
+        replace_directory(directory, write)
+    except (OSError, SafetensorError) as error:
+        if isinstance(error, OSError) and error.errno not in ENVIRONMENT_ERRNOS:
+            raise  # not the disk's state: a bug
+        kept = f"{directory} keeps the last complete one" if directory.exists() else "no checkpoint was written before"
+        raise UserError(f"cannot write the checkpoint of step {step} ({error}); {kept}") from error
+
+
+def trim_metrics(path: Path, start: int) -> None:
+    """Keep the metrics of steps up to ``start``, the step resumed from: a run stopped after its last checkpoint logged
+    steps that the resumed run repeats, the last line perhaps half-written."""
+    kept = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= start:
+            kept.append(line + "\n")
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text("".join(kept))
+    os.replace(staging, path)
 
 
 def warmup_cosine(optimizer, steps: int):
@@ -179,6 +202,9 @@ def main(argv=None) -> int:
     output, checkpoint = args.output, args.output / "checkpoint"
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; choose a directory")
+    if accelerator.is_main_process:  # a run killed while saving a checkpoint leaves it to be put back in place
+        recover_directory(checkpoint)
+    accelerator.wait_for_everyone()
     if (checkpoint.exists() or (output / ADAPTER_CONFIG).exists()) and not args.resume:
         raise UserError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
     if args.resume:
@@ -256,8 +282,8 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- loop
     output.mkdir(parents=True, exist_ok=True)
     metrics_path = output / "metrics.jsonl"
-    if start == 0:
-        metrics_path.unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        trim_metrics(metrics_path, start)
     interrupted = False
 
     def stop(*_):
@@ -265,6 +291,7 @@ def main(argv=None) -> int:
         interrupted = True
 
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)  # what schedulers and preemption send: saved and resumable like Ctrl-C
     shard = accelerator.process_index
     lengths = [len(e.context_ids) + len(e.target_ids) for e in train.examples]
     order = batches(len(train.examples), args.batch_size * accelerator.num_processes, args.seed, start, lengths)
