@@ -103,7 +103,7 @@ class ToolCall:
 
 
 @dataclass
-class InvalidToolCall:
+class MalformedToolCall:
     id: str
     name: str | None
     text: str
@@ -125,7 +125,7 @@ class ChatAnswer:
     content: str
     text: str
     tool_calls: list[ToolCall]
-    invalid_tool_calls: list[InvalidToolCall]
+    invalid_tool_calls: list[MalformedToolCall]
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
@@ -340,7 +340,7 @@ class ChatEngine:
         device = self.model.device
         return input_ids.to(device), attention_mask.to(device)
 
-    def generated_tokens(self, tokens: list[int]) -> list[int]:
+    def _generated(self, tokens: list[int]) -> list[int]:
         """A row's generated ids without the padding that follows its end: up to and including its first
         end-of-sequence token (rows of a batch that finish early are padded while the others go on)."""
         for position, token in enumerate(tokens):
@@ -349,11 +349,12 @@ class ChatEngine:
         return tokens
 
     def _answer(self, step: ChatStep, tokens: list[int], route, latency: float) -> ChatAnswer:
-        tokens = self.generated_tokens(tokens)
+        tokens = self._generated(tokens)
         text = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), step.stop)
         parsed = parse_tool_calls(text)
         calls = [ToolCall(_call_id(), call.name, call.arguments) for call in parsed.tool_calls]
-        invalid = [InvalidToolCall(_call_id(), call.name, call.text, call.error) for call in parsed.invalid_tool_calls]
+        invalid = [MalformedToolCall(_call_id(), call.name, call.text, call.error)
+                   for call in parsed.invalid_tool_calls]
         ended = bool(tokens) and tokens[-1] in self.eos_token_ids
         finish_reason = ("tool_calls" if calls else "length" if len(tokens) >= step.max_new_tokens and not ended
                          else "stop")
@@ -639,5 +640,5 @@ _ENGINES: dict[tuple, ChatEngine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-__all__ = ["ChatAnswer", "ChatEngine", "ChatStep", "ContextBudgetError", "InvalidToolCall", "Prefill", "TextDeltas",
+__all__ = ["ChatAnswer", "ChatEngine", "ChatStep", "ContextBudgetError", "MalformedToolCall", "Prefill", "TextDeltas",
            "ToolCall", "canonical_messages", "canonical_tools", "cut_at_stop", "prefill_step"]
