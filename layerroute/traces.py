@@ -503,6 +503,9 @@ def _parse(text: str) -> object:
         return RecordError(f"invalid JSON: {error}", kind="invalid JSON")
 
 
+BETWEEN_ITEMS = re.compile(r"[\s,]*")
+
+
 def _document(lines: list[tuple[int, bytes]]) -> list[tuple[int, object]] | None:
     """The records of a whole-file JSON document, each with the line it starts on (a list of records, or one record);
     ``None`` when the file is not one JSON document."""
@@ -514,7 +517,7 @@ def _document(lines: list[tuple[int, bytes]]) -> list[tuple[int, object]] | None
     decoder, records = json.JSONDecoder(), []
     position, line = text.index("[") + 1, 1 + text.count("\n", 0, text.index("["))
     for _ in document:  # parsed once more item by item, only to learn where each one starts
-        start = re.compile(r"[\s,]*").match(text, position).end()
+        start = BETWEEN_ITEMS.match(text, position).end()
         line += text.count("\n", position, start)
         value, position = decoder.raw_decode(text, start)
         records.append((line, value))
