@@ -91,6 +91,18 @@ def test_completion_is_openai_shaped_with_route_metadata_in_body_and_headers(cli
     assert {k: v for k, v in local.items() if k != "latency_s"} == {k: v for k, v in route.items() if k != "latency_s"}
 
 
+def test_chat_layerroute_takes_the_same_dial_per_instance_and_per_call(tiny_chat_dir):
+    # fresh routers keep every block with probability sigmoid(4) = 0.982: a threshold above that skips them all
+    llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=3)
+    assert llm.invoke("hi").response_metadata["layerroute"]["skipped_layers"] == []
+    assert llm.invoke("hi", skip_threshold=0.99).response_metadata["layerroute"]["skipped_layers"] == [0, 1, 2]
+    strict = ChatLayerRoute(model=tiny_chat_dir, max_tokens=3, skip_threshold=0.99)
+    assert strict.invoke("hi").response_metadata["layerroute"]["skipped_layers"] == [0, 1, 2]
+    assert strict.invoke("hi", routing="off").response_metadata["layerroute"]["skipped_layers"] == []
+    with pytest.raises(ValueError, match="skip_threshold"):
+        llm.invoke("hi", skip_threshold=1.5)
+
+
 def test_tools_and_tool_choice_give_openai_tool_calls(client):
     body = chat(client, "Weather in Oslo?", tools=[WEATHER], tool_choice={"type": "function",
                                                                         "function": {"name": "get_weather"}},
