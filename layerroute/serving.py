@@ -187,8 +187,6 @@ def create_app(
             await run_in_threadpool(state.pop("scheduler").close)
 
     app = FastAPI(title="LayerRoute", lifespan=lifespan)
-    app.state.metrics = metrics
-
     app.add_middleware(_AuthorizeAndCount, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(OpenAIError)
@@ -228,6 +226,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        began = time.perf_counter()
         if body.model != served_name:
             raise OpenAIError(404, f"the model {body.model!r} does not exist; this server serves {served_name!r}",
                               code="model_not_found", param="model")
@@ -235,7 +234,6 @@ def create_app(
         scheduler = state["scheduler"]
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        began = time.perf_counter()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
