@@ -168,6 +168,20 @@ def test_streamed_tool_calls_come_whole_and_no_markup_leaks(client):
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_sampling_seed_stop_and_max_completion_tokens(client):
+    def content(**body):
+        return chat(client, "Count: one two three", **body).json()["choices"][0]["message"]["content"]
+
+    sampled = dict(temperature=1.0, top_p=0.9, max_tokens=12)
+    assert content(seed=7, **sampled) == content(seed=7, **sampled)
+    assert len({content(seed=seed, **sampled) for seed in range(4)}) > 1
+    usage = chat(client, "Count: one two three", max_completion_tokens=3, max_tokens=9).json()["usage"]
+    assert usage["completion_tokens"] == 3  # the newer field wins
+    free = content(max_tokens=12)
+    stop = free.strip()[:2]
+    assert stop and stop not in content(max_tokens=12, stop=[stop])
+
+
 def test_the_compute_dial_turns_routing_off_per_request(client, engine):
     for router in engine.model.routers:
         torch.nn.init.constant_(router.proj.bias, -5.0)  # routers that skip every block
