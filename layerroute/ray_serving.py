@@ -15,12 +15,19 @@ cover the deployment as a whole.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from ray import serve
-from ray.serve.deployment import Application
+# A Ray started by this process for one machine keeps its own services on the loopback address: Ray's single-node
+# mode (the one it runs on macOS and Windows). Its cluster mode would put even a local instance on the machine's
+# network address; joining a cluster (RAY_ADDRESS) needs that mode. Read when ray is first imported.
+if "RAY_ADDRESS" not in os.environ:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from .serving import DEFAULT_HOST, DEFAULT_PORT
+from ray import serve  # noqa: E402
+from ray.serve.deployment import Application  # noqa: E402
+
+from .serving import DEFAULT_HOST, DEFAULT_PORT  # noqa: E402
 
 DEPLOYMENT_NAME = "layerroute"
 
@@ -49,8 +56,10 @@ def build_app(model: str | None = None, adapter: str | None = None, device: str 
 
 def serve_on_ray(model: str | None = None, adapter: str | None = None, device: str | None = None, *,
                  replicas: int = 1, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **app_options: Any) -> None:
-    """Start Ray Serve's proxy on ``host:port`` (a local Ray instance unless ``RAY_ADDRESS`` names a cluster) and
-    serve :func:`build_app` there until interrupted."""
+    """Start Ray Serve's proxy on ``host:port`` and serve :func:`build_app` there until interrupted.
+
+    Without ``RAY_ADDRESS`` (a cluster to join), Ray runs locally, its own services on the loopback address.
+    """
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(model, adapter, device, replicas=replicas, **app_options), name=DEPLOYMENT_NAME,
               route_prefix="/", blocking=True)

@@ -1,5 +1,5 @@
 """``layerroute serve --ray``: the app as a Ray Serve deployment with 2 CPU replicas behind Ray's proxy, on a local
-Ray instance bound to 127.0.0.1 (about half a minute: Ray starts, each replica loads the tiny model)."""
+Ray instance on 127.0.0.1 (about half a minute: Ray starts, each replica loads the tiny model)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-ray = pytest.importorskip("ray")
+ray_serving = pytest.importorskip("layerroute.ray_serving", exc_type=ImportError)  # before ray: Ray on loopback
+import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from layerroute.chat import ChatEngine  # noqa: E402
-from layerroute.ray_serving import DEPLOYMENT_NAME, build_app  # noqa: E402
+
+DEPLOYMENT_NAME, build_app = ray_serving.DEPLOYMENT_NAME, ray_serving.build_app
 
 pytestmark = [pytest.mark.enable_socket, pytest.mark.allow_hosts(["127.0.0.1"])]
 
@@ -23,7 +25,8 @@ def proxy_url(tiny_chat_dir):
     with socket.socket() as probe:  # a free port for Ray's proxy
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(tiny_chat_dir, replicas=2, num_cpus=0.5, model_name="tiny", default_max_tokens=5),
