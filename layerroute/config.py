@@ -21,6 +21,14 @@ def check_skip_threshold(value: float | None, name: str = "skip_threshold") -> f
     return float(value)
 
 
+def check_familiarity_quantile(value: float | None) -> float | None:
+    """``value`` if it is ``None`` or a share in (0, 1]; a ``ValueError`` otherwise."""
+    if value is not None and not 0.0 < value <= 1.0:
+        raise ValueError(f"familiarity_quantile must lie in (0, 1] (the share of fitted steps counted as familiar), "
+                         f"got {value!r}")
+    return value
+
+
 @dataclass
 class LayerRouteConfig:
     """Everything that defines a LayerRoute adapter except its weights.
@@ -42,6 +50,9 @@ class LayerRouteConfig:
         regularizer_weight: step size of the skip budget's Lagrange multiplier (how fast the price of compute rises
             while the batch skips less than the target); see ``layerroute.training.SkipBudget``.
         target_skip_rate: skip rate the regulariser aims for, as a budget over the whole batch (fraction of blocks).
+        familiarity_quantile: the share of the steps the routers were fitted on that count as familiar, recorded when
+            :func:`layerroute.familiarity.fit_familiarity` fitted the routers' familiar regions; ``None``: not fitted,
+            every step is familiar. A step that leaves the region runs every block from there on.
     """
 
     lora_rank: int = 8
@@ -54,6 +65,7 @@ class LayerRouteConfig:
     router_threshold: float = 0.5
     regularizer_weight: float = 1.0
     target_skip_rate: float = 0.1
+    familiarity_quantile: float | None = None
 
     def __post_init__(self) -> None:
         if self.lora_rank < 1:
@@ -65,6 +77,7 @@ class LayerRouteConfig:
         if self.router_norm not in ROUTER_NORMS:
             raise ValueError(f"router_norm must be one of {ROUTER_NORMS}, got {self.router_norm!r}")
         check_skip_threshold(self.router_threshold, "router_threshold")
+        check_familiarity_quantile(self.familiarity_quantile)
         if not 0.0 <= self.target_skip_rate < 1.0:
             raise ValueError(f"target_skip_rate must lie in [0, 1), got {self.target_skip_rate}")
 

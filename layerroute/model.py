@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from . import __version__
 from .architectures import ModelShape, find_decoder_blocks, model_shape
 from .config import LayerRouteConfig, check_skip_threshold
 from .flops import RouteStats, step_route_stats
-from .router import ROUTING_STATE, RoutedBlock, Router, RoutingState
+from .router import FAMILIARITY_BUFFERS, ROUTING_STATE, RoutedBlock, Router, RoutingState
 
 SKIP_COST_MEASURES = ("loss", "kl")  # the choices of LayerRouteModel.skip_costs(measure=...)
 
@@ -158,8 +159,10 @@ class LayerRouteModel(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's weights: every router and LoRA parameter, by name (frozen ones included, e.g. the routers
-        of a LoRA-only baseline)."""
-        return {name: p.detach() for name, p in self.named_parameters() if "lora_" in name or ".router." in name}
+        of a LoRA-only baseline), and the routers' familiarity statistics (:mod:`layerroute.familiarity`)."""
+        weights = {name: p.detach() for name, p in self.named_parameters() if "lora_" in name or ".router." in name}
+        weights.update((name, b) for name, b in self.named_buffers() if ".router." in name)
+        return weights
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -511,6 +514,12 @@ class LayerRouteModel(nn.Module):
         model = cls(base_model, LayerRouteConfig.from_dict(metadata["config"]), recorded["name_or_path"])
         weights = load_file(weights_path)
         expected = set(model.trainable_state_dict())
+        unfitted = {name for name in expected - set(weights) if name.rsplit(".", 1)[-1] in FAMILIARITY_BUFFERS}
+        if unfitted:
+            warnings.warn(f"{weights_path} was saved before routers kept familiarity statistics: every step counts as "
+                          "familiar (no do-no-harm check); fit them with layerroute.familiarity.fit_familiarity",
+                          stacklevel=2)
+            expected -= unfitted
         if set(weights) != expected:
             missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
             raise ValueError(

@@ -29,6 +29,8 @@ class RoutingState:
         rows_keeping: block index -> ``"all"``, ``"none"`` or ``"some"``: ``keep`` summarised once, so later forwards
             need no device sync to know whether the block runs.
         keep_probs: block index -> ``(batch,)`` keep probabilities (differentiable during training).
+        unfamiliar: ``(batch,)`` bool, rows whose features have left their routers' familiar radius at this or an
+            earlier block; from there on every block runs for them (do-no-harm routing, :mod:`layerroute.familiarity`).
         lm_head_positions: positions whose logits each forward of the state computed.
         start_block: blocks before this one are not run (their input passes through unchanged) and this block starts
             from ``start_hidden``: a forward resumed midway, from hidden states an earlier forward recorded.
@@ -46,6 +48,7 @@ class RoutingState:
     keep: dict[int, torch.Tensor] = field(default_factory=dict)
     rows_keeping: dict[int, str] = field(default_factory=dict)
     keep_probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    unfamiliar: torch.Tensor | None = None
     lm_head_positions: list[int] = field(default_factory=list)
     start_block: int = 0
     start_hidden: torch.Tensor | None = None
@@ -63,11 +66,19 @@ def _rows_keeping(keep: torch.Tensor) -> str:
     return "all" if bool(keep.all()) else "some" if bool(keep.any()) else "none"
 
 
+# what a router keeps of the steps it was fitted on (adapters saved before they existed load without them)
+FAMILIARITY_BUFFERS = ("feature_mean", "feature_scale", "familiar_radius")
+
 ROUTING_STATE: ContextVar[RoutingState | None] = ContextVar("layerroute_routing_state", default=None)
 
 
 class Router(nn.Module):
-    """Decides from a step's context whether one block runs: ``Linear(hidden_size, 1)`` on pooled hidden states."""
+    """Decides from a step's context whether one block runs: ``Linear(hidden_size, 1)`` on pooled hidden states.
+
+    It also knows what the steps it was fitted on looked like (:mod:`layerroute.familiarity`): the per-channel mean
+    and spread of its features on them, and the radius within which a step counts as familiar. Until fitted the
+    radius is infinite and every step is familiar.
+    """
 
     def __init__(self, hidden_size: int, config: LayerRouteConfig):
         super().__init__()
@@ -76,6 +87,15 @@ class Router(nn.Module):
         self.proj = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.constant_(self.proj.bias, config.router_init_bias)
+        self.register_buffer("feature_mean", torch.zeros(hidden_size))
+        self.register_buffer("feature_scale", torch.ones(hidden_size))
+        self.register_buffer("familiar_radius", torch.tensor(float("inf")))
+
+    def distance(self, features: torch.Tensor) -> torch.Tensor:
+        """How far ``features`` ``(batch, hidden)`` lie from the fitted steps': ``(batch,)``, the root mean square of
+        the channels' standardised deviations."""
+        standardised = (features.float() - self.feature_mean) / self.feature_scale
+        return standardised.pow(2).mean(-1).sqrt()
 
     def forward(self, hidden_states: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
         """Keep logits of shape ``(batch,)`` from ``hidden_states`` ``(batch, seq_len, hidden)`` pooled over the
@@ -132,8 +152,7 @@ class RoutedBlock(nn.Module):
         # a router that does not learn needs no straight-through gradient, so its block is skipped for real
         straight_through = state.straight_through and self.router.proj.weight.requires_grad
         if keep is None:
-            keep_prob = self._keep_probability(hidden_states, state)
-            keep = keep_prob > (self.threshold if state.skip_threshold is None else state.skip_threshold)
+            keep_prob, keep = self._decide(hidden_states, state, straight_through)
             state.keep[self.layer_idx] = keep
             state.rows_keeping[self.layer_idx] = _rows_keeping(keep)
             state.keep_probs[self.layer_idx] = keep_prob
@@ -152,12 +171,25 @@ class RoutedBlock(nn.Module):
             return output
         return torch.where(keep.to(output.device)[:, None, None], output, hidden_states)
 
-    def _keep_probability(self, hidden_states: torch.Tensor, state: RoutingState) -> torch.Tensor:
+    def _decide(self, hidden_states: torch.Tensor, state: RoutingState,
+                straight_through: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(batch,)`` keep probabilities and ``(batch,)`` bool decisions for this block."""
         batch = hidden_states.shape[0]
         if state.forced_skip is not None:
             keep = 0.0 if self.layer_idx in state.forced_skip else 1.0
-            return torch.full((batch,), keep, device=hidden_states.device)
+            keep_prob = torch.full((batch,), keep, device=hidden_states.device)
+            return keep_prob, keep_prob > 0.5
         features = self.router.features(hidden_states, state.context_mask)
         if state.probes is not None:
             state.probes["features", self.layer_idx] = features.detach()
-        return torch.sigmoid(self.router.proj(features).squeeze(-1))
+        keep_prob = torch.sigmoid(self.router.proj(features).squeeze(-1))
+        keep = keep_prob > (self.threshold if state.skip_threshold is None else state.skip_threshold)
+        if straight_through:  # a router that learns acts on its own decisions
+            return keep_prob, keep
+        # do no harm: once a row reads unlike the steps the routers were fitted on, the routers' decisions are
+        # extrapolations, so this block and every later one run for it
+        unfamiliar = self.router.distance(features) > self.router.familiar_radius
+        if state.unfamiliar is not None:
+            unfamiliar = unfamiliar | state.unfamiliar
+        state.unfamiliar = unfamiliar
+        return keep_prob, keep | unfamiliar

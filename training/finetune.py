@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -40,6 +41,7 @@ from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noq
 from layerroute.checkpoints import recover_directory, replace_directory  # noqa: E402
 from layerroute.errors import ENVIRONMENT_ERRNOS, MissingInputError, UserError, command, user_input  # noqa: E402
 from layerroute.evaluation import routing_report, write_training_report  # noqa: E402
+from layerroute.familiarity import fit_familiarity  # noqa: E402
 from layerroute.model import ADAPTER_CONFIG, SKIP_COST_MEASURES  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
 from layerroute.training import (  # noqa: E402
@@ -68,7 +70,7 @@ PRESETS = {
 RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing", "static_prune",
                  "target_skip_rate", "regularizer_weight", "router_pooling", "router_init_bias",
                  "skip_cost_blocks", "skip_cost", "router_fit_steps", "probe_precision", "router_warmup",
-                 "router_refit_rounds", "probe_selection")
+                 "router_refit_rounds", "probe_selection", "familiarity_quantile", "familiarity_steps")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,6 +112,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "through the trained LoRA and fit the routers to their measured skip costs in N rounds "
                              "of --router-fit-steps passes, the price moving each round to hold the budget on those "
                              "steps; 0: keep the anchored routers")
+    parser.add_argument("--familiarity-quantile", type=float, default=0.99, metavar="Q",
+                        help="do-no-harm routing: once a step's features at some block lie farther from the training "
+                             "steps' than all but the share 1 - Q of those steps' own, that block and every later one "
+                             "run for it (layerroute.familiarity); 1 counts the farthest training step as familiar, "
+                             "0 turns the check off")
+    parser.add_argument("--familiarity-steps", type=int, default=200,
+                        help="training steps, drawn at random, whose features define the familiar region")
     parser.add_argument("--probe-precision", choices=PROBE_PRECISIONS, default="auto",
                         help="precision of the skip-cost measurements; auto: bf16 where the hardware is faster at it, "
                              "fp32: the training forward's own precision")
@@ -124,6 +133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--report-steps", type=int, default=120, help="held-out steps in the final routing report")
     parser.add_argument("--on-bad-record", choices=("raise", "skip"), default="raise")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.familiarity_quantile <= 1.0:
+        parser.error(f"--familiarity-quantile must lie in [0, 1] (0: no check), got {args.familiarity_quantile}")
+    if args.familiarity_steps < 2:
+        parser.error(f"--familiarity-steps must be at least 2, got {args.familiarity_steps}")
     if args.no_routing or args.static_prune:
         if getattr(args, "router_warmup", 0):
             parser.error("--router-warmup trains routers; it does not combine with --no-routing or --static-prune")
@@ -376,6 +389,15 @@ def main(argv=None) -> int:
             router.requires_grad_(False)
         accelerator.print(f"routers refitted on {len(remembered)} remembered steps read through the trained LoRA: "
                           f"price {budget.multiplier:.3f}, {share:.1%} of their block FLOPs skipped")
+
+    # ---------------------------------------------------------------- do-no-harm routing
+    if not (args.no_routing or args.static_prune) and args.familiarity_quantile:
+        drawn = random.Random(args.seed).sample(range(len(train.examples)),
+                                                min(args.familiarity_steps, len(train.examples)))
+        fit_familiarity(unwrapped, [train.examples[i] for i in drawn], tokenizer.pad_token_id,
+                        args.familiarity_quantile, args.batch_size)
+        accelerator.print(f"familiar regions fitted on {len(drawn)} training steps (quantile "
+                          f"{args.familiarity_quantile})")
 
     # ---------------------------------------------------------------- adapter and report
     if accelerator.is_main_process:
