@@ -159,7 +159,7 @@ class BatchScheduler:
             return None
         try:
             return prefill_step(self.engine, job.step)
-        except Exception as error:  # noqa: BLE001 - the error belongs to the request, not to the worker
+        except Exception as error:  # the error belongs to the request, not to the worker
             logger.exception("prefilling a step failed")
             job.future.set_exception(error)
             return None
@@ -175,7 +175,7 @@ class BatchScheduler:
             answers = self.engine.generate([job.step for job in jobs], prefills=prefills,
                                            on_token=on_token if streaming else None,
                                            cancelled=lambda row: jobs[row].cancelled)
-        except Exception as error:  # noqa: BLE001 - the error belongs to the requests, not to the worker
+        except Exception as error:  # the error belongs to the requests, not to the worker
             logger.exception("generating a batch of %d rows failed", len(jobs))
             for job in jobs:
                 if not job.future.done():

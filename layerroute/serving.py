@@ -407,7 +407,7 @@ async def _stream(scheduler: BatchScheduler, step, request: Request, metrics: Se
             yield event({"content": piece})
         try:
             served: Served = job.future.result()
-        except Exception as error:  # noqa: BLE001 - reported to the client as the stream's last event
+        except Exception as error:  # reported to the client as the stream's last event
             logger.exception("a streamed completion failed")
             yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error'}})}\n\n"
             return
