@@ -67,3 +67,30 @@ def tiny_chat_dir(tmp_path_factory, smollm2):
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+@pytest.fixture
+def set_routers(tiny_chat_dir):
+    """``set_routers(bias, weight_std=0, pooling=None)`` gives every router of the ``tiny_chat_dir`` model's shared
+    engine (``ChatLayerRoute`` and the server load it once per process) those weights, and restores them afterwards."""
+    from layerroute.chat import ChatEngine
+
+    engine = ChatEngine.load(tiny_chat_dir)
+    saved = [(r.pooling, r.proj.weight.detach().clone(), r.proj.bias.detach().clone()) for r in engine.model.routers]
+
+    def set_routers(bias: float, weight_std: float = 0.0, pooling: str | None = None) -> None:
+        torch.manual_seed(1)
+        for router in engine.model.routers:
+            router.pooling = pooling or router.pooling
+            if weight_std:
+                torch.nn.init.normal_(router.proj.weight, std=weight_std)
+            else:
+                torch.nn.init.zeros_(router.proj.weight)
+            torch.nn.init.constant_(router.proj.bias, bias)
+
+    yield set_routers
+    with torch.no_grad():
+        for router, (pooling, weight, bias) in zip(engine.model.routers, saved):
+            router.pooling = pooling
+            router.proj.weight.copy_(weight)
+            router.proj.bias.copy_(bias)

@@ -9,7 +9,6 @@ import threading
 
 import jsonschema
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from langchain_core.messages import HumanMessage
 from langchain_layerroute import ChatLayerRoute
@@ -40,20 +39,9 @@ def client(engine):
 
 
 @pytest.fixture
-def prompt_dependent_routers(engine):
-    """Routers whose decisions depend on the whole prompt (restored afterwards: the engine is shared)."""
-    saved = [(r.pooling, r.proj.weight.detach().clone(), r.proj.bias.detach().clone()) for r in engine.model.routers]
-    torch.manual_seed(1)
-    for router in engine.model.routers:
-        router.pooling = "mean"
-        torch.nn.init.normal_(router.proj.weight, std=200.0)
-        torch.nn.init.zeros_(router.proj.bias)
-    yield
-    with torch.no_grad():
-        for router, (pooling, weight, bias) in zip(engine.model.routers, saved):
-            router.pooling = pooling
-            router.proj.weight.copy_(weight)
-            router.proj.bias.copy_(bias)
+def prompt_dependent_routers(set_routers):
+    """Routers whose decisions depend on the whole prompt."""
+    set_routers(0.0, weight_std=200.0, pooling="mean")
 
 
 def chat(client, content="Hello there", **body):
@@ -91,8 +79,8 @@ def test_completion_is_openai_shaped_with_route_metadata_in_body_and_headers(cli
     assert {k: v for k, v in local.items() if k != "latency_s"} == {k: v for k, v in route.items() if k != "latency_s"}
 
 
-def test_chat_layerroute_takes_the_same_dial_per_instance_and_per_call(tiny_chat_dir):
-    # fresh routers keep every block with probability sigmoid(4) = 0.982: a threshold above that skips them all
+def test_chat_layerroute_takes_the_same_dial_per_instance_and_per_call(tiny_chat_dir, set_routers):
+    set_routers(4.0)  # every block kept with probability sigmoid(4) = 0.982: a threshold above that skips them all
     llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=3)
     assert llm.invoke("hi").response_metadata["layerroute"]["skipped_layers"] == []
     assert llm.invoke("hi", skip_threshold=0.99).response_metadata["layerroute"]["skipped_layers"] == [0, 1, 2]
@@ -182,18 +170,13 @@ def test_sampling_seed_stop_and_max_completion_tokens(client):
     assert stop and stop not in content(max_tokens=12, stop=[stop])
 
 
-def test_the_compute_dial_turns_routing_off_per_request(client, engine):
-    for router in engine.model.routers:
-        torch.nn.init.constant_(router.proj.bias, -5.0)  # routers that skip every block
-    try:
-        assert chat(client).json()["layerroute"]["skipped_layers"] == [0, 1, 2]
-        off = chat(client, layerroute={"routing": "off"}).json()["layerroute"]
-        assert off["skipped_layers"] == [] and off["flops_skipped"] == 0
-        # a threshold below every keep probability keeps every block
-        assert chat(client, layerroute={"skip_threshold": 0.001}).json()["layerroute"]["skipped_layers"] == []
-    finally:
-        for router in engine.model.routers:
-            torch.nn.init.constant_(router.proj.bias, engine.model.config.router_init_bias)
+def test_the_compute_dial_turns_routing_off_per_request(client, set_routers):
+    set_routers(-5.0)  # routers that skip every block
+    assert chat(client).json()["layerroute"]["skipped_layers"] == [0, 1, 2]
+    off = chat(client, layerroute={"routing": "off"}).json()["layerroute"]
+    assert off["skipped_layers"] == [] and off["flops_skipped"] == 0
+    # a threshold below every keep probability keeps every block
+    assert chat(client, layerroute={"skip_threshold": 0.001}).json()["layerroute"]["skipped_layers"] == []
     for dial in ({"routing": "sometimes"}, {"skip_threshold": 1.5}, {"depth": 3}):
         assert chat(client, layerroute=dial).status_code == 400
 

@@ -14,7 +14,6 @@ from typing import Literal
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 from langchain.agents import create_agent
 from langchain.agents.middleware import wrap_model_call
@@ -147,15 +146,10 @@ def test_chat_openai_inside_create_agent(base_url):
     assert all(int(m.response_metadata["headers"]["x-layerroute-num-layers"]) == 3 for m in steps)
 
 
-def test_bounded_load_every_request_gets_its_own_answer(base_url, engine):
+def test_bounded_load_every_request_gets_its_own_answer(base_url, set_routers):
     """24 concurrent clients, 192 requests over 24 prompts whose routes differ: each answer is the one its prompt
     gets alone, with its own route; none is lost or duplicated."""
-    saved = [(r.pooling, r.proj.weight.detach().clone(), r.proj.bias.detach().clone()) for r in engine.model.routers]
-    torch.manual_seed(1)
-    for router in engine.model.routers:  # routes that depend on the prompt
-        router.pooling = "mean"
-        torch.nn.init.normal_(router.proj.weight, std=200.0)
-        torch.nn.init.zeros_(router.proj.bias)
+    set_routers(0.0, weight_std=200.0, pooling="mean")  # routes that depend on the prompt
     prompts = [f"request {i}: " + "tool plan weather sum"[i % 7:] * (1 + i % 3) for i in range(24)]
 
     async def run():
@@ -174,14 +168,7 @@ def test_bounded_load_every_request_gets_its_own_answer(base_url, engine):
 
             return expected, await asyncio.wait_for(asyncio.gather(*(bounded(p) for p in prompts * 8)), 240)
 
-    try:
-        expected, results = asyncio.run(run())
-    finally:
-        with torch.no_grad():
-            for router, (pooling, weight, bias) in zip(engine.model.routers, saved):
-                router.pooling = pooling
-                router.proj.weight.copy_(weight)
-                router.proj.bias.copy_(bias)
+    expected, results = asyncio.run(run())
     assert len({tuple(route) for _, route in expected.values()}) > 1, "routes should differ between prompts"
     assert len(results) == 192 and len({completion_id for _, (completion_id, *_) in results}) == 192
     mismatched = [prompt for prompt, (_, content, route) in results if (content, route) != expected[prompt]]

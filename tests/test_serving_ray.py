@@ -37,10 +37,11 @@ def proxy_url(tiny_chat_dir):
         ray.shutdown()
 
 
-def test_two_replicas_behind_rays_proxy_answer_like_the_in_process_engine(proxy_url, tiny_chat_dir):
+def test_two_replicas_behind_rays_proxy_answer_like_the_in_process_engine(proxy_url, tiny_chat_dir, set_routers):
     status = serve.status().applications[DEPLOYMENT_NAME].deployments[DEPLOYMENT_NAME]
     assert status.replica_states == {"RUNNING": 2}
     engine = ChatEngine.load(tiny_chat_dir)
+    set_routers(engine.model.config.router_init_bias)  # fresh routers, as the replicas load them
     prompts = [f"question {i}: " + "weather plan sum"[i % 5:] for i in range(8)]
     expected = {}
     for prompt in prompts:
