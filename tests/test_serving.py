@@ -322,3 +322,20 @@ def test_serve_command_refuses_replicas_without_ray_and_a_missing_model(capsys):
     assert "--replicas needs --ray" in capsys.readouterr().err
     assert main(["serve", "--model", "/no/such/model"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_rows_of_one_prefilled_batch_stream_their_own_text(engine, set_routers):
+    set_routers(4.0)  # every row keeps every block: one group, decoded as one batch from the prefilled caches
+    scheduler = BatchScheduler(engine, max_batch_size=16, window_s=0.5)
+    try:
+        pieces = {prompt: [] for prompt in PROMPTS[:4]}
+        jobs = {prompt: scheduler.submit(engine.prepare([{"role": "user", "content": prompt}], max_tokens=8),
+                                         on_text=pieces[prompt].append) for prompt in pieces}
+        served = {prompt: job.future.result(timeout=60) for prompt, job in jobs.items()}
+    finally:
+        scheduler.close()
+    for prompt, result in served.items():
+        assert result.batch_rows == 4
+        streamed = "".join(pieces[prompt]).strip()
+        assert streamed + jobs[prompt].deltas.tail(result.answer.content) == result.answer.content
+    assert len({result.answer.content for result in served.values()}) > 1
