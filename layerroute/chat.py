@@ -244,8 +244,8 @@ class ChatEngine:
         grammar = None
         if response_format:
             if visible_tools:
-                raise ValueError("response_format and bound tools cannot be combined; use tool_choice='none' or "
-                                 "with_structured_output(method='function_calling')")
+                raise ValueError("response_format and bound tools cannot be combined: use tool_choice='none', or "
+                                 "a tool whose parameters are the schema, with tool_choice naming it")
             grammar, instruction = _response_grammar(self.grammars(), response_format)
             messages = _with_instruction(messages, instruction)
         elif tools:
@@ -476,7 +476,7 @@ def canonical_tools(tools: Sequence[Any] | None) -> list[dict]:
         function = tool.get("function") if is_function else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise ValueError(f"tools[{index}] must be {{'type': 'function', 'function': {{'name': ..., "
-                             "'parameters': {...}}}}")
+                             "'parameters': {...}}}")
         if not isinstance(function.get("parameters", {}), dict):
             raise ValueError(f"tools[{index}].function.parameters must be a JSON schema object")
         checked.append({"type": "function", "function": function})

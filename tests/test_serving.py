@@ -194,6 +194,15 @@ def test_the_compute_dial_turns_routing_off_per_request(client, set_routers):
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n:"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "tiny"}, 400, "messages"),
+    ({"model": "tiny", "messages": [None]}, 400, "must be an object"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+     "tools[0] must be"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}, 400,
+     "unsupported response_format"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER],
+      "response_format": {"type": "json_object"}}, 400, "cannot be combined"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}}, 400, "cannot compile"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
 ])
 def test_bad_requests_get_openai_errors(client, body, status, needle):
