@@ -23,6 +23,9 @@ def test_shipped_adapter_routes_per_step_and_skips_more_of_tool_calls(smollm2):
     base, tokenizer = smollm2
     model = LayerRouteModel.from_pretrained(default_adapter_dir(), base_model=copy.deepcopy(base)).eval()
     assert model.num_trainable_parameters() == 938_910  # 921,600 LoRA + 30 x 577 router
+    # do-no-harm routing is fitted: every router knows its familiar region
+    assert model.config.familiarity_quantile == 0.99
+    assert all(torch.isfinite(router.familiar_radius) for router in model.routers)
     skipped, routes = {"tool_call": [], "planning": []}, set()
     with torch.no_grad():
         for trace in read_traces(CORPUS / "test.jsonl.gz").traces:
