@@ -9,6 +9,7 @@ import threading
 
 import jsonschema
 import pytest
+from conftest import METADATA_KEYS, WEATHER
 from fastapi.testclient import TestClient
 from langchain_core.messages import HumanMessage
 from langchain_layerroute import ChatLayerRoute
@@ -17,12 +18,6 @@ from layerroute.batching import BatchScheduler
 from layerroute.chat import ChatEngine, canonical_messages
 from layerroute.serving import create_app
 
-METADATA_KEYS = {"step_type", "skipped_layers", "num_layers", "layers_skipped_frac", "flops_total",
-                 "flops_skipped", "flops_skipped_frac", "latency_s"}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                            "parameters": {"type": "object", "properties": {
-                                                "city": {"type": "string", "enum": ["Oslo", "Rome"]}},
-                                                "required": ["city"]}}}
 VERDICT = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"}},
            "required": ["answer", "sure"], "additionalProperties": False}
 

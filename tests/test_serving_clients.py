@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from conftest import METADATA_KEYS, WEATHER
 from langchain.agents import create_agent
 from langchain.agents.middleware import wrap_model_call
 from langchain_core.messages import AIMessage, ToolMessage
@@ -26,12 +27,6 @@ from layerroute.serving import create_app
 
 pytestmark = [pytest.mark.enable_socket, pytest.mark.allow_hosts(["127.0.0.1"])]
 
-METADATA_KEYS = {"step_type", "skipped_layers", "num_layers", "layers_skipped_frac", "flops_total",
-                 "flops_skipped", "flops_skipped_frac", "latency_s"}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                            "parameters": {"type": "object", "properties": {
-                                                "city": {"type": "string", "enum": ["Oslo", "Rome"]}},
-                                                "required": ["city"]}}}
 
 
 @pytest.fixture(scope="module")
