@@ -67,11 +67,12 @@ class DecodingGrammars:
         A tool whose parameter schema xgrammar cannot compile keeps its name constrained but its arguments free (any
         JSON object), with a warning naming the tool and the reason; a call never fails on a schema.
         """
-        return self._tool_calls(json.dumps(tools, sort_keys=True), tool_choice)
+        # the JSON text is the cache key; keys keep their order, since the grammar holds properties in schema order
+        return self._tool_calls(json.dumps(tools), tool_choice)
 
     def json_schema(self, schema: dict) -> xgr.CompiledGrammar:
         """The grammar of a JSON value valid under ``schema``; a ``ValueError`` names what the engine rejects."""
-        return self._json_schema(json.dumps(schema, sort_keys=True))
+        return self._json_schema(json.dumps(schema))
 
     def json_object(self) -> xgr.CompiledGrammar:
         """The grammar of any JSON value (OpenAI's ``json_object`` response format)."""
@@ -111,7 +112,7 @@ class DecodingGrammars:
         parameters = function.get("parameters")
         if parameters is not None:
             try:
-                self._json_schema(json.dumps(parameters, sort_keys=True))
+                self._json_schema(json.dumps(parameters))
             except ValueError as error:
                 logger.warning("tool %r: %s; its arguments are not constrained", function["name"], error)
                 function["parameters"] = {"type": "object"}

@@ -18,19 +18,20 @@ from test_chat_model import ChatLayerRouteCapabilities
 
 pytestmark = pytest.mark.slow
 
-SMALL_TALK = ("the shipped adapter was trained on agent steps only: to a bare 'Hello' in a multi-message "
-              "conversation the 135M model answers with end-of-turn first, an empty message")
 LONG_UNICODE_ARGUMENTS = ("the grammar holds the call to the tool's schema, but the 135M model's unicode string "
                           "argument runs on until max_tokens cuts the call before </tool_call>")
+RUNAWAY_JOKE = ("the grammar holds the answer to the Joke schema in its order, but the 135M model's 'setup' string "
+                "repeats itself ('The cat was a cat, and ...') until max_tokens cuts it before 'punchline'")
 JSON_MODE_KEYS = ("json_mode holds the answer to JSON, not to the schema's keys (json_schema does), and the 135M "
                   "model leaves out the 'punchline' key the prompt asks for")
 
 XFAILS = {
-    "test_conversation": SMALL_TALK,
-    "test_double_messages_conversation": SMALL_TALK,
     "test_unicode_tool_call_integration": LONG_UNICODE_ARGUMENTS,
     "test_json_mode": JSON_MODE_KEYS,
+    "test_structured_output_pydantic_2_v1": RUNAWAY_JOKE,
 }
+# tests parametrised by schema type that fail for the pydantic schema only
+PYDANTIC_XFAILS = {"test_structured_output": RUNAWAY_JOKE, "test_structured_output_async": RUNAWAY_JOKE}
 
 
 class TestChatLayerRouteIntegration(ChatLayerRouteCapabilities, ChatModelIntegrationTests):
@@ -43,9 +44,9 @@ class TestChatLayerRouteIntegration(ChatLayerRouteCapabilities, ChatModelIntegra
         return True
 
 
-def _expected_failure(name: str, reason: str):
-    """The suite's test ``name``, marked xfail; its parametrisation and fixtures carry over (the base class's own
-    function is left untouched)."""
+def _inherited(name: str):
+    """The suite's test ``name`` as a function of its own, so marks can be set on it without touching the base
+    class's (``functools.wraps`` carries its parametrisation over)."""
     inherited = getattr(ChatModelIntegrationTests, name)
     if inspect.iscoroutinefunction(inherited):
 
@@ -58,8 +59,13 @@ def _expected_failure(name: str, reason: str):
         def test(self, *args, **kwargs):
             return inherited(self, *args, **kwargs)
 
-    return pytest.mark.xfail(reason=reason, strict=True)(test)
+    return test
 
 
 for _name, _reason in XFAILS.items():
-    setattr(TestChatLayerRouteIntegration, _name, _expected_failure(_name, _reason))
+    setattr(TestChatLayerRouteIntegration, _name, pytest.mark.xfail(reason=_reason, strict=True)(_inherited(_name)))
+for _name, _reason in PYDANTIC_XFAILS.items():
+    _test = _inherited(_name)
+    _test.pytestmark = [pytest.mark.parametrize("schema_type", [
+        pytest.param("pydantic", marks=pytest.mark.xfail(reason=_reason, strict=True)), "typeddict", "json_schema"])]
+    setattr(TestChatLayerRouteIntegration, _name, _test)

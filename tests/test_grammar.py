@@ -78,3 +78,17 @@ def test_json_schema_and_json_object(grammars):
     assert accepts(grammars, grammars[0].json_object(), '{"any": ["thing", 1]}')
     with pytest.raises(ValueError, match='cannot compile this JSON schema: Unsupported type "float"'):
         grammars[0].json_schema(LEGACY["function"]["parameters"])
+
+
+def test_properties_keep_the_schemas_order(grammars):
+    """The grammar holds properties in the order the schema lists them, as models learnt them, never sorted."""
+    joke = {"type": "object", "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"}},
+            "required": ["setup", "punchline"]}
+    grammar = grammars[0].json_schema(joke)
+    assert accepts(grammars, grammar, '{"setup": "a", "punchline": "b"}')
+    assert not accepts(grammars, grammar, '{"punchline": "b", "setup": "a"}', complete=False)
+    tool = {"type": "function", "function": {"name": "book", "parameters": joke}}
+    calls = grammars[0].tool_calls([tool], None)
+    call = '<tool_call>\n{"name": "book", "arguments": {"setup": "a", "punchline": "b"}}\n</tool_call>'
+    assert accepts(grammars, calls, call)
+    assert not accepts(grammars, calls, call.replace('"setup": "a", "punchline": "b"', '"punchline": "b", "setup": "a"'))
