@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteModel  # noqa: E402
-from layerroute.evaluation import perplexity_by_source, routing_summary, scored_steps  # noqa: E402
+from layerroute.evaluation import perplexity, perplexity_by_source, routing_summary, scored_steps  # noqa: E402
 from layerroute.familiarity import familiarity_ignored  # noqa: E402
 from layerroute.loading import load_base_model  # noqa: E402
 from layerroute.model import ADAPTER_CONFIG  # noqa: E402
@@ -105,15 +104,9 @@ def summarise(records: list[dict], full: list[dict], in_distribution: list[str])
             continue
         routed, reference = [records[i] for i in chosen], [full[i] for i in chosen]
         skipped = routing_summary(routed, routed[0]["route"].num_layers)["by_step_type"]
-        entry = {}
-        for kind in STEP_TYPES:
-            if kind not in skipped:
-                continue
-            nll = sum(r["nll"] for r in routed if r["step_type"] == kind)
-            reference_nll = sum(r["nll"] for r in reference if r["step_type"] == kind)
-            tokens = sum(r["target_tokens"] for r in routed if r["step_type"] == kind)
-            entry[kind] = {"flops_skipped_frac": skipped[kind]["flops_skipped_frac"],
-                           "skip_cost": math.exp((nll - reference_nll) / tokens) - 1}
+        routed_ppl, reference_ppl = perplexity(routed), perplexity(reference)
+        entry = {kind: {"flops_skipped_frac": values["flops_skipped_frac"],
+                        "skip_cost": routed_ppl[kind] / reference_ppl[kind] - 1} for kind, values in skipped.items()}
         if len(entry) == 2:
             entry["differential_points"] = 100 * (entry["tool_call"]["flops_skipped_frac"]
                                                   - entry["planning"]["flops_skipped_frac"])
