@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from transformers import DynamicCache
+from transformers.generation import GenerateDecoderOnlyOutput
 
 from . import __version__
 from .architectures import ModelShape, find_decoder_blocks, model_shape
@@ -405,6 +406,8 @@ class LayerRouteModel(nn.Module):
             forced_skip=None if forced_skip is None else frozenset(forced_skip),
             skip_threshold=check_skip_threshold(skip_threshold),
         )
+        if generate_kwargs.get("max_new_tokens") == 0:
+            return self._generate_nothing(input_ids, state, prefilled, generate_kwargs)
         was_training = self.training
         self.eval()
         token = ROUTING_STATE.set(state)
@@ -420,6 +423,25 @@ class LayerRouteModel(nn.Module):
         sequences = output.sequences if hasattr(output, "sequences") else output
         self._local.routes = self._route_stats(state, attention_mask, sequences[:, input_ids.shape[1] :])
         return output
+
+    def _generate_nothing(self, input_ids: torch.Tensor, state: RoutingState, prefilled: RoutedCache | None,
+                          generate_kwargs: dict):
+        """``max_new_tokens=0`` (which HF ``generate`` rejects): the prompt comes back as it is and no block runs, so
+        the route stats count zero FLOPs and skip only the ``forced_skip`` blocks (no router decided). A streamer sees
+        the prompt and its end, as HF ``generate`` feeds it."""
+        streamer = generate_kwargs.get("streamer")
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+            streamer.end()
+        skipped = sorted(state.forced_skip or ())
+        self._local.routes = [RouteStats(skipped_layers=skipped, num_layers=self.num_layers, flops_total=0,
+                                         flops_skipped=0) for _ in range(input_ids.shape[0])]
+        config = generate_kwargs.get("generation_config") or self.base_model.generation_config
+        if not generate_kwargs.get("return_dict_in_generate", config.return_dict_in_generate):
+            return input_ids.clone()
+        scores = () if generate_kwargs.get("output_scores", config.output_scores) else None
+        logits = () if generate_kwargs.get("output_logits", config.output_logits) else None
+        return GenerateDecoderOnlyOutput(sequences=input_ids.clone(), scores=scores, logits=logits, cache=prefilled)
 
     @property
     def last_route(self) -> RouteStats:
