@@ -71,9 +71,26 @@ class TestChatLayerRouteStandard(ChatLayerRouteCapabilities, ChatModelUnitTests)
         return {"model": "unused-until-first-call"}
 
 
-def test_construction_is_lazy():
-    llm = ChatLayerRoute(model="/no/such/model/until/first/call")
-    assert llm._runtime is None  # nothing loaded, no error
+def test_construction_loads_nothing_and_the_first_call_loads_and_names_a_missing_model(monkeypatch):
+    import layerroute.chat
+
+    loads = []
+    real = layerroute.chat.load_base_model
+    monkeypatch.setattr(layerroute.chat, "load_base_model",
+                        lambda name, **kwargs: loads.append(name) or real(name, **kwargs))
+    missing = "/no/such/model/until/first/call"
+    llm = ChatLayerRoute(model=missing, max_tokens=3)  # no error: nothing is read yet
+    assert loads == []
+    with pytest.raises(OSError, match=f"could not load '{missing}'"):
+        llm.invoke("hi")
+    assert loads == [missing]
+
+
+def test_zero_max_tokens_is_refused_before_generating_with_the_reason(tiny_chat_dir):
+    # LayerRouteModel.generate returns the prompt for max_new_tokens=0 (test_generate_edge_cases); a chat answer of
+    # no tokens is a caller's mistake, refused as OpenAI's API refuses it
+    with pytest.raises(ValueError, match="max_tokens must be at least 1, got 0"):
+        ChatLayerRoute(model=tiny_chat_dir, max_tokens=0).invoke("hi")
 
 
 def test_instances_with_the_same_model_share_one_loaded_copy(llm, tiny_chat_dir):
