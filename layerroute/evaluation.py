@@ -11,6 +11,7 @@ import math
 import re
 import statistics
 import time
+import warnings
 from collections import Counter, defaultdict
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
+from .extras import MissingExtraError, require
 from .flops import step_route_stats
 from .model import LayerRouteModel
 from .grammar import DecodingGrammars
@@ -283,7 +285,10 @@ def write_training_report(output: Path, report: dict, metrics_path: Path, run: d
                       f"{report['flops_skip_differential_points']:.1f} points."]
     lines += ["", f"Run settings: `{json.dumps(run)}`", "", "![per-block skip rate and training curves](report.png)"]
     (output / "report.md").write_text("\n".join(lines) + "\n")
-    plot(output / "report.png", report, metrics)
+    try:
+        plot(output / "report.png", report, metrics)
+    except MissingExtraError as error:  # the figure is the one part of the report that needs an extra
+        warnings.warn(f"report.png not drawn: {error}", stacklevel=2)
 
 
 def _moving_average(values: list[float], window: int = 10) -> list[float]:
@@ -291,8 +296,8 @@ def _moving_average(values: list[float], window: int = 10) -> list[float]:
 
 
 def plot(path: Path, report: dict, metrics: list[dict]) -> None:
-    import matplotlib
-
+    """Draw ``report.png``: per-block skip rate by step type, and the training curves. Needs the plot extra."""
+    matplotlib = require("matplotlib", "plot", "drawing the training report's figure")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MissingInputError, UserError
+from .extras import require
 
 FORMATS = ("openai", "sharegpt", "glaive", "gsm8k", "langsmith", "layerroute")
 ROLES = ("system", "user", "assistant", "tool")
@@ -617,7 +618,7 @@ HUB_DATASETS = {
 def load_hub_traces(name: str, split: str = "train", format: str | None = None, on_bad_record: str = "raise"):
     """Read a public dataset through ``datasets`` (needs a reachable hub)."""
     check_options(format, on_bad_record)
-    import datasets
+    datasets = require("datasets", "hub", f"reading {name!r} as a Hugging Face Hub dataset (it is not a local file)")
 
     try:
         dataset = datasets.load_dataset(name, "main", split=split) if name == "openai/gsm8k" else \
