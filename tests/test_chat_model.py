@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 from typing import Literal
 
 import pytest
-import torch
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import tool
 from langchain_tests.unit_tests import ChatModelUnitTests
 from pydantic import BaseModel
+from transformers import AutoTokenizer
 
 from langchain_layerroute import ChatLayerRoute, LayerRouteCostCallback, layerroute_cost_tracking
 from layerroute.costs import read_records
@@ -93,10 +94,18 @@ def test_zero_max_tokens_is_refused_before_generating_with_the_reason(tiny_chat_
         ChatLayerRoute(model=tiny_chat_dir, max_tokens=0).invoke("hi")
 
 
-def test_instances_with_the_same_model_share_one_loaded_copy(llm, tiny_chat_dir):
-    other = ChatLayerRoute(model=tiny_chat_dir, max_tokens=3, temperature=0.7)
-    assert other._load() is llm._load()
-    assert ChatLayerRoute(model=tiny_chat_dir, adapter="none")._load() is llm._load()  # "none" = fresh routers
+def test_instances_with_the_same_model_load_it_once(tiny_chat_dir, tmp_path, monkeypatch):
+    import layerroute.chat
+
+    model = str(shutil.copytree(tiny_chat_dir, tmp_path / "model"))  # a model this process has not loaded yet
+    loads = []
+    real = layerroute.chat.load_base_model
+    monkeypatch.setattr(layerroute.chat, "load_base_model",
+                        lambda name, **kwargs: loads.append(name) or real(name, **kwargs))
+    for llm in (ChatLayerRoute(model=model, max_tokens=2), ChatLayerRoute(model=model, max_tokens=3, temperature=0.7),
+                ChatLayerRoute(model=model, adapter="none", max_tokens=2)):  # "none" = fresh routers, the same
+        assert "layerroute" in llm.invoke("hi").response_metadata
+    assert loads == [model]
 
 
 def test_invoke_carries_route_metadata_and_integer_usage(llm):
@@ -111,24 +120,21 @@ def test_invoke_carries_route_metadata_and_integer_usage(llm):
     assert all(isinstance(usage[k], int) for k in ("input_tokens", "output_tokens", "total_tokens"))
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     assert 0 < usage["output_tokens"] <= 12
-    assert llm.get_token_ids("hello world") == llm._load().tokenizer("hello world", add_special_tokens=False).input_ids
+    tokenizer = AutoTokenizer.from_pretrained(llm.model)
+    assert llm.get_token_ids("hello world") == tokenizer("hello world", add_special_tokens=False).input_ids
 
 
-def test_routing_off_runs_every_block(tiny_chat_dir):
+def test_routing_off_runs_every_block(tiny_chat_dir, set_routers):
     llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=4)
-    for router in llm._load().model.routers:
-        torch.nn.init.constant_(router.proj.bias, -5.0)  # routers that skip every block
-    try:
-        assert llm.invoke("hi").response_metadata["layerroute"]["skipped_layers"] == [0, 1, 2]
-        assert llm.invoke("hi", routing="off").response_metadata["layerroute"]["skipped_layers"] == []
-        off = ChatLayerRoute(model=tiny_chat_dir, max_tokens=4, routing="off")
-        assert off.invoke("hi").response_metadata["layerroute"]["flops_skipped"] == 0
-        with pytest.raises(ValueError, match="routing must be"):
-            llm.invoke("hi", routing="sometimes")
-    finally:
-        for router in llm._load().model.routers:
-            torch.nn.init.zeros_(router.proj.weight)
-            torch.nn.init.constant_(router.proj.bias, llm._load().model.config.router_init_bias)
+    set_routers(-5.0)  # routers that skip every block: the answer still comes, from the embeddings alone
+    answer = llm.invoke("hi")
+    assert answer.response_metadata["layerroute"]["skipped_layers"] == [0, 1, 2]
+    assert 0 < answer.usage_metadata["output_tokens"] <= 4
+    assert llm.invoke("hi", routing="off").response_metadata["layerroute"]["skipped_layers"] == []
+    off = ChatLayerRoute(model=tiny_chat_dir, max_tokens=4, routing="off")
+    assert off.invoke("hi").response_metadata["layerroute"]["flops_skipped"] == 0
+    with pytest.raises(ValueError, match="routing must be"):
+        llm.invoke("hi", routing="sometimes")
 
 
 def test_stream_puts_metadata_on_exactly_one_chunk(llm):
@@ -266,13 +272,9 @@ def test_stop_sequences_cut_the_answer(llm):
     assert stop not in cut.content
 
 
-def test_concurrent_invokes_each_carry_their_own_route(tiny_chat_dir):
+def test_concurrent_invokes_each_carry_their_own_route(tiny_chat_dir, set_routers):
     llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=6)
-    runtime = llm._load()
-    for router in runtime.model.routers:  # make routing depend on the whole prompt
-        router.pooling = "mean"
-        torch.nn.init.normal_(router.proj.weight, std=200.0)
-        torch.nn.init.zeros_(router.proj.bias)
+    set_routers(0.0, weight_std=200.0, pooling="mean")  # routing that depends on the whole prompt
     words = ["zebra", "42 + 17", "Bonjour", "<tool>", "SELECT *", "def f():", "!!!", "weather"]
     prompts = [f"{i} " + words[i] * 5 for i in range(8)]
     expected = {p: llm.invoke(p).response_metadata["layerroute"]["skipped_layers"] for p in prompts}
