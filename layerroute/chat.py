@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from . import telemetry
 from .config import check_skip_threshold
 from .grammar import TOOL_CALL_TAG, DecodingGrammars
 from .loading import EMBEDDED_MODEL, default_adapter_dir, load_base_model
@@ -65,6 +66,8 @@ class ChatStep:
         routing: ``"auto"`` (the routers decide) or ``"off"`` (every block runs).
         skip_threshold: a block is skipped where its router's keep probability is below this; ``None`` is the
             adapter's own threshold.
+        telemetry: the OpenTelemetry context the step was prepared in, parent of its span
+            (:mod:`layerroute.telemetry`; ``None`` without the ``otel`` extra).
     """
 
     prompt_ids: torch.Tensor
@@ -77,6 +80,7 @@ class ChatStep:
     routing: str
     skip_threshold: float | None
     max_time: float | None
+    telemetry: telemetry.SpanParent | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -257,7 +261,8 @@ class ChatEngine:
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         return ChatStep(prompt_ids=prompt_ids, grammar=grammar, max_new_tokens=max_tokens,
                         temperature=float(temperature or 0.0), top_p=float(top_p), stop=tuple(s for s in stop if s),
-                        seed=seed, routing=routing, skip_threshold=skip_threshold, max_time=timeout)
+                        seed=seed, routing=routing, skip_threshold=skip_threshold, max_time=timeout,
+                        telemetry=telemetry.capture())
 
     # ------------------------------------------------------------------ generating
     def generate(
@@ -315,7 +320,7 @@ class ChatEngine:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_RowsCancelled(cancelled, len(steps))])
         if on_token is not None:
             kwargs["streamer"] = _RowStreamer(on_token)
-        began = time.perf_counter()
+        began, began_ns = time.perf_counter(), telemetry.now_ns()
         if first.do_sample and first.seed is not None:
             with self.seed_lock:
                 torch.manual_seed(first.seed)
@@ -325,8 +330,10 @@ class ChatEngine:
         latency = time.perf_counter() - began
         routes = self.model.last_routes
         new_tokens = sequences[:, input_ids.shape[1]:].tolist()
-        return [self._answer(step, tokens, route, latency)
-                for step, tokens, route in zip(steps, new_tokens, routes)]
+        answers = [self._answer(step, tokens, route, latency)
+                   for step, tokens, route in zip(steps, new_tokens, routes)]
+        telemetry.record_generations(self.name, steps, answers, began_ns)  # one `chat {model}` span per step
+        return answers
 
     def _left_padded(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(batch, longest)`` input ids and attention mask, prompts aligned on the right (generation continues them

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import report_html
 from .errors import MissingInputError
+from .flops import block_flops, causal_key_reads
 from .traces import BadRecordError
 
 RECORD_TYPE = "layerroute.step"
@@ -83,6 +84,41 @@ class PriceModel:
         if self.usd_per_tflop is not None:
             return f"${self.usd_per_tflop:g} per TFLOP"
         return f"${self.usd_per_gpu_hour:g} per GPU-hour at {self.achieved_tflops:g} TFLOP/s achieved"
+
+
+def prompt_flops(model, prompt_tokens: int) -> int:
+    """Full-depth FLOPs of prefilling a ``prompt_tokens``-token prompt through every block of a
+    :class:`~layerroute.LayerRouteModel` (no LM head): the input share of a step's ``flops_total``."""
+    per_block = block_flops(model.shape.block, prompt_tokens, causal_key_reads(0, prompt_tokens),
+                            model.lora_flops_per_token)
+    return per_block * model.num_layers
+
+
+def price_step(price: PriceModel, route: dict, prompt_full_flops: int) -> dict[str, float]:
+    """What one step cost, in dollars, split as LangSmith splits a run's cost, for what ran and for the full depth.
+
+    The input share is the prompt's prefill (``prompt_full_flops`` at full depth, :func:`prompt_flops`); the output
+    share the rest of the step (every decode forward, and the LM head). Skipping a block saves its share of both.
+
+    Args:
+        route: a step's route metadata (``flops_total``, ``flops_skipped``, ``skipped_layers``, ``num_layers``).
+
+    Returns:
+        ``input_cost``, ``output_cost``, ``total_cost`` (FLOPs executed, priced), ``full_depth_input_cost``,
+        ``full_depth_output_cost``, ``full_depth_total_cost`` (every block run) and ``saved_cost`` (their
+        difference); ``total_cost == input_cost + output_cost``, and likewise at full depth.
+    """
+    full, skipped = int(route["flops_total"]), int(route["flops_skipped"])
+    layers = int(route["num_layers"])
+    kept = layers - len(route["skipped_layers"])
+    input_full = min(int(prompt_full_flops), full)
+    input_executed = input_full * kept // layers
+    costs = {"input_cost": price.usd(input_executed), "output_cost": price.usd(full - skipped - input_executed),
+             "full_depth_input_cost": price.usd(input_full), "full_depth_output_cost": price.usd(full - input_full)}
+    costs["total_cost"] = costs["input_cost"] + costs["output_cost"]
+    costs["full_depth_total_cost"] = costs["full_depth_input_cost"] + costs["full_depth_output_cost"]
+    costs["saved_cost"] = costs["full_depth_total_cost"] - costs["total_cost"]
+    return costs
 
 
 def read_records(path: str | Path) -> list[StepCostRecord]:

@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import telemetry
 from .batching import BatchScheduler, Job, Served
 from .chat import ChatEngine, ContextBudgetError, canonical_messages, canonical_tools
 
@@ -231,6 +232,7 @@ def create_app(
             raise OpenAIError(404, f"the model {body.model!r} does not exist; this server serves {served_name!r}",
                               code="model_not_found", param="model")
         step = await run_in_threadpool(_prepare, engine, body, context_budget, default_max_tokens)
+        step.telemetry = telemetry.capture(served_name, request.headers)  # its span: `chat {served_name}`
         scheduler = state["scheduler"]
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

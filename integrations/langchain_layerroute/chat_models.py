@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import queue
 import threading
@@ -32,6 +33,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from layerroute.chat import ChatAnswer, ChatEngine, ChatStep
+from layerroute.costs import PriceModel, price_step, prompt_flops
 from layerroute.toolcalls import normalize_tool_choice
 
 
@@ -41,6 +43,14 @@ class ChatLayerRoute(BaseChatModel):
     Each returned ``AIMessage`` carries ``response_metadata["layerroute"]`` with ``step_type`` (``tool_call`` or
     ``planning``), ``skipped_layers``, ``num_layers``, ``layers_skipped_frac``, ``flops_total``, ``flops_skipped``,
     ``flops_skipped_frac`` and ``latency_s``.
+
+    With a ``price`` (a :class:`~layerroute.costs.PriceModel`), ``response_metadata["layerroute"]`` adds the step's
+    cost in dollars, ``input_cost``, ``output_cost`` and ``total_cost`` (the FLOPs actually executed, priced), beside
+    ``full_depth_input_cost``, ``full_depth_output_cost``, ``full_depth_total_cost`` and ``saved_cost`` (what every
+    block running would have cost); ``usage_metadata`` carries the three executed costs too, in LangSmith's fields,
+    except on streamed answers: the installed langchain-core cannot merge float usage across stream chunks
+    (langchain-ai/langchain#36015, see docs/observability.md). LangSmith gets ``ls_provider="layerroute"`` and
+    ``ls_model_name``.
 
     Generation is constrained (:mod:`layerroute.grammar`): with tools bound, every ``<tool_call>`` names a bound tool
     and carries arguments valid under its JSON schema, and ``tool_choice`` is enforced; structured output
@@ -82,6 +92,10 @@ class ChatLayerRoute(BaseChatModel):
     skip_threshold: float | None = None
     """A block is skipped where its router's keep probability is below this; ``None`` is the adapter's own threshold.
     Also per call (``invoke(..., skip_threshold=0.3)``): the compute dial."""
+    price: PriceModel | None = None
+    """Prices FLOPs (``PriceModel(usd_per_gpu_hour=2.0, achieved_tflops=100.0)``): each answer's ``usage_metadata``
+    then carries ``input_cost`` / ``output_cost`` / ``total_cost`` and its route metadata the full-depth costs;
+    ``None`` (default): token counts only."""
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
 
@@ -102,13 +116,19 @@ class ChatLayerRoute(BaseChatModel):
                 "temperature": self.temperature, "top_p": self.top_p}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
+        """LangSmith's ``ls_*`` run metadata: provider ``layerroute``, the model name, ``chat``, and the generation
+        settings of this call (per-call ``temperature`` / ``max_tokens`` / ``stop`` over the instance's)."""
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "layerroute"
-        params["ls_model_name"] = kwargs.get("model", self.model_name)
-        params["ls_temperature"] = self.temperature
-        params["ls_max_tokens"] = self.max_tokens
-        if stop or self.stop:
-            params["ls_stop"] = stop or self.stop
+        params["ls_model_name"] = kwargs.get("model") or self.model_name
+        params["ls_model_type"] = "chat"
+        params["ls_temperature"] = kwargs.get("temperature", self.temperature)
+        params["ls_max_tokens"] = kwargs.get("max_tokens", self.max_tokens)
+        stop = stop or kwargs.get("stop") or self.stop
+        if stop:
+            params["ls_stop"] = [stop] if isinstance(stop, str) else list(stop)
+        else:
+            params.pop("ls_stop", None)
         return params
 
     # ------------------------------------------------------------------ loading
@@ -199,21 +219,28 @@ class ChatLayerRoute(BaseChatModel):
             timeout=self.timeout,
         )
 
-    def _message(self, answer: ChatAnswer) -> AIMessage:
+    def _message(self, answer: ChatAnswer, streamed: bool = False) -> AIMessage:
         tool_calls = [{"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"} for c in answer.tool_calls]
         invalid = [{"name": c.name, "args": c.text, "id": c.id, "error": c.error, "type": "invalid_tool_call"}
                    for c in answer.invalid_tool_calls]
+        usage = UsageMetadata(input_tokens=answer.prompt_tokens, output_tokens=answer.completion_tokens,
+                              total_tokens=answer.prompt_tokens + answer.completion_tokens)
+        route = dict(answer.route)
+        if self.price is not None:
+            costs = price_step(self.price, route, prompt_flops(self._load().model, answer.prompt_tokens))
+            route.update(costs)
+            if not streamed:  # LangSmith's UsageMetadata cost fields (floats, dollars); token counts stay integers
+                usage.update({key: costs[key] for key in ("input_cost", "output_cost", "total_cost")})
         return AIMessage(
             content=answer.content,
             tool_calls=tool_calls,
             invalid_tool_calls=invalid,
-            usage_metadata=UsageMetadata(input_tokens=answer.prompt_tokens, output_tokens=answer.completion_tokens,
-                                         total_tokens=answer.prompt_tokens + answer.completion_tokens),
+            usage_metadata=usage,
             response_metadata={
                 "model_name": self.model_name,
                 "model_provider": "layerroute",
                 "finish_reason": answer.finish_reason,
-                "layerroute": answer.route,
+                "layerroute": route,
             },
         )
 
@@ -271,7 +298,7 @@ class ChatLayerRoute(BaseChatModel):
         thread.join()
         if "error" in result:
             raise result["error"]
-        final = self._message(result["answer"])
+        final = self._message(result["answer"], streamed=True)
         tail = deltas.tail(result["answer"].content)
         chunk = ChatGenerationChunk(message=AIMessageChunk(
             content=tail,
@@ -305,7 +332,8 @@ class ChatLayerRoute(BaseChatModel):
                 loop.call_soon_threadsafe(chunks.put_nowait, error)
             loop.call_soon_threadsafe(chunks.put_nowait, done)
 
-        producer = loop.run_in_executor(None, produce)
+        # in the caller's context (as asyncio.to_thread would): the OpenTelemetry span parents under the caller's
+        producer = loop.run_in_executor(None, contextvars.copy_context().run, produce)
         while (item := await chunks.get()) is not done:
             if isinstance(item, BaseException):
                 raise item
