@@ -9,7 +9,7 @@ import sys
 
 from pathlib import Path
 
-from .costs import CostReport, PriceModel, read_records
+from .costs import CostReport, PriceModel, read_cost_records
 from .errors import UserError, command, user_input
 from .steps import count_steps
 from .traces import FORMATS, read_sources
@@ -28,12 +28,21 @@ def steps_command(args: argparse.Namespace) -> int:
     return 0
 
 
+SKIPPED_SHOWN = 10  # `layerroute report --on-bad-record skip` names this many skipped lines on stderr, then counts
+
+
 def report_command(args: argparse.Namespace) -> int:
     with user_input("--usd-per-gpu-hour / --achieved-tflops"):
         price = PriceModel(usd_per_gpu_hour=args.usd_per_gpu_hour, achieved_tflops=args.achieved_tflops,
                            usd_per_tflop=args.usd_per_tflop)
     with user_input(str(args.records)):
-        report = CostReport.from_records(read_records(args.records), price, args.steps_per_day)
+        read = read_cost_records(args.records, on_bad_record=args.on_bad_record)
+        report = CostReport.from_records(read.records, price, args.steps_per_day, read.skipped_summary())
+    for skipped in read.skipped[:SKIPPED_SHOWN]:
+        print(f"layerroute: skipped {skipped.source}:{skipped.line}: {skipped.reason}", file=sys.stderr)
+    if len(read.skipped) > SKIPPED_SHOWN:
+        print(f"layerroute: ... and {len(read.skipped) - SKIPPED_SHOWN} more unreadable records skipped",
+              file=sys.stderr)
     print(report.to_markdown())
     if args.html:
         with user_input(f"--html {args.html}"):
@@ -92,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--usd-per-gpu-hour", type=float, default=2.0)
     report.add_argument("--achieved-tflops", type=float, default=100.0, help="achieved TFLOP/s of that GPU")
     report.add_argument("--usd-per-tflop", type=float, default=None, help="price FLOPs directly instead")
+    report.add_argument("--on-bad-record", choices=("raise", "skip"), default="raise", help="a line that is not a "
+                        "step-cost record: stop naming file and line (raise), or leave it out and count it (skip)")
     report.set_defaults(run=report_command)
     serve = commands.add_parser("serve", help="serve a routed model over an OpenAI-compatible HTTP API")
     serve.add_argument("--model", default=None, help="base model: hub id, local directory or .gguf file "

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import report_html
 from .errors import MissingInputError
 from .flops import block_flops, causal_key_reads
-from .traces import BadRecordError
+from .traces import BadRecordError, RecordError, SkippedRecord, check_options
 
 RECORD_TYPE = "layerroute.step"
 
@@ -121,30 +121,87 @@ def price_step(price: PriceModel, route: dict, prompt_full_flops: int) -> dict[s
     return costs
 
 
-def read_records(path: str | Path) -> list[StepCostRecord]:
-    """The step-cost records of a JSONL file.
+@dataclass
+class CostRecords:
+    """The step-cost records of a file, and the lines left out as unreadable under ``on_bad_record="skip"``."""
+
+    records: list[StepCostRecord]
+    skipped: list[SkippedRecord] = field(default_factory=list)
+
+    def skipped_summary(self) -> dict[str, int]:
+        """How many lines were skipped, by kind of reason."""
+        return dict(Counter(record.kind for record in self.skipped))
+
+
+def read_cost_records(path: str | Path, on_bad_record: str = "raise") -> CostRecords:
+    """The step-cost records of a JSONL file (blank lines ignored).
+
+    Args:
+        on_bad_record: ``"raise"`` stops at the first line that is not a step-cost record, naming file, line and
+            reason; ``"skip"`` leaves such lines out and lists them in :attr:`CostRecords.skipped` (counted by kind
+            of reason with :meth:`CostRecords.skipped_summary`), as the trace readers do.
+
+    Raises:
+        MissingInputError: the file does not exist.
+        BadRecordError: a line is not a step-cost record, with ``on_bad_record="raise"``.
+    """
+    check_options(None, on_bad_record)
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"step-cost records {path} do not exist")
+    read = CostRecords([])
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            read.records.append(_parse_record(line))
+        except RecordError as error:
+            if on_bad_record == "raise":
+                raise BadRecordError(f"{path}:{number}: not a LayerRoute step-cost record ({error}) (pass "
+                                     "on_bad_record='skip' / --on-bad-record skip to skip such records)") from None
+            read.skipped.append(SkippedRecord(str(path), number, str(error), error.kind))
+    return read
+
+
+def read_records(path: str | Path, on_bad_record: str = "raise") -> list[StepCostRecord]:
+    """The step-cost records of a JSONL file; see :func:`read_cost_records` (which also says what was skipped).
 
     Raises:
         MissingInputError: the file does not exist.
         BadRecordError: a line is not a step-cost record (the error names the file and line).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"step-cost records {path} do not exist")
-    records = []
-    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            values = json.loads(line)  # bytes: not UTF-8 is a UnicodeDecodeError, a ValueError
-            if not isinstance(values, dict):
-                raise ValueError(f"a record must be a JSON object, got {type(values).__name__}")
-            if values.get("record_type") != RECORD_TYPE:
-                raise ValueError(f"record_type is {values.get('record_type')!r}, expected {RECORD_TYPE!r}")
-            records.append(check_record(StepCostRecord.from_dict(values)))
-        except (TypeError, ValueError, RecursionError) as error:
-            raise BadRecordError(f"{path}:{number}: not a LayerRoute step-cost record ({error})") from None
-    return records
+    return read_cost_records(path, on_bad_record).records
+
+
+def _parse_record(line: bytes) -> StepCostRecord:
+    """One JSONL line as a checked record; a :class:`~layerroute.traces.RecordError` (with its kind) if it is not."""
+    try:
+        values = json.loads(line)  # bytes: not UTF-8 is a UnicodeDecodeError, a ValueError
+    except UnicodeDecodeError as error:
+        raise RecordError(f"not UTF-8 text ({error.reason})", kind="not UTF-8") from None
+    except RecursionError:
+        raise RecordError("nested too deeply to read", kind="nested too deeply") from None
+    except json.JSONDecodeError as error:
+        raise RecordError(f"not JSON: {error.msg} at column {error.colno}", kind="not JSON") from None
+    except ValueError as error:
+        raise RecordError(f"not JSON: {error}", kind="not JSON") from None
+    if not isinstance(values, dict):
+        raise RecordError(f"a record must be a JSON object, got {type(values).__name__}", kind="not a JSON object")
+    if values.get("record_type") != RECORD_TYPE:
+        raise RecordError(f"record_type is {values.get('record_type')!r}, expected {RECORD_TYPE!r}",
+                          kind="not a step-cost record")
+    try:
+        record = StepCostRecord.from_dict(values)
+    except TypeError as error:  # a required field missing
+        raise RecordError(str(error).replace("StepCostRecord.__init__() ", ""), kind="missing fields") from None
+    try:
+        return check_record(record)
+    except RecordError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise RecordError(str(error), kind="invalid values") from None
+    except RecursionError:  # a field nested nearly as deep as the parser allows, met again in the message
+        raise RecordError("a field is nested too deeply to read", kind="nested too deeply") from None
 
 
 # What each annotation of StepCostRecord admits from JSON (a bool is an int to Python, never a count in a record).
@@ -158,30 +215,44 @@ def check_record(record: StepCostRecord) -> StepCostRecord:
     for name, spec in StepCostRecord.__dataclass_fields__.items():
         value = getattr(record, name)
         if isinstance(value, bool) or not isinstance(value, FIELD_TYPES[spec.type]):
-            raise ValueError(f"`{name}` must be {spec.type}, got {value!r}")
+            raise RecordError(f"`{name}` must be {spec.type}, got {value!r}", kind=f"`{name}` not {spec.type}")
     if record.num_layers < 1 or not 0 <= record.flops_skipped <= record.flops_total:
-        raise ValueError("needs num_layers >= 1 and 0 <= flops_skipped <= flops_total")
+        raise RecordError("needs num_layers >= 1 and 0 <= flops_skipped <= flops_total", kind="inconsistent counts")
     if not all(type(layer) is int and 0 <= layer < record.num_layers for layer in record.skipped_layers):
-        raise ValueError(f"`skipped_layers` must be block indices below num_layers, got {record.skipped_layers}")
+        raise RecordError(f"`skipped_layers` must be block indices below num_layers, got {record.skipped_layers}",
+                          kind="inconsistent counts")
     return record
 
 
 @dataclass
 class CostReport:
-    """Per step type: steps, tokens, FLOPs spent against full depth, savings, latency; plus a daily projection."""
+    """Per step type: steps, tokens, FLOPs spent against full depth, savings, latency; plus a daily projection.
+
+    A report of no records is valid: every count is zero, and the markdown and HTML say there are no steps.
+    """
 
     by_step_type: dict[str, dict]
     totals: dict
     price: PriceModel
     projection: dict = field(default_factory=dict)
     records: list[StepCostRecord] = field(default_factory=list)  # for the HTML report's per-trace timelines
+    skipped_records: dict[str, int] = field(default_factory=dict)
+    """Unreadable lines left out of the report (``on_bad_record="skip"``), by kind of reason."""
+
+    @property
+    def empty(self) -> bool:
+        return not self.totals["steps"]
 
     @classmethod
     def from_records(cls, records: list[StepCostRecord], price: PriceModel | None = None,
-                     steps_per_day: int = 1_000_000) -> "CostReport":
-        if not records:
-            raise ValueError("no step-cost records to report on")
+                     steps_per_day: int = 1_000_000, skipped_records: dict[str, int] | None = None) -> "CostReport":
         price = price or PriceModel()
+        skipped_records = dict(skipped_records or {})
+        if not records:
+            totals = {**cls._aggregate([], price), "traces": 0}
+            projection = {"steps_per_day": steps_per_day, "observed_mix": {}, "full_depth_usd_per_day": 0.0,
+                          "layerroute_usd_per_day": 0.0, "saved_usd_per_day": 0.0, "by_step_type": {}}
+            return cls({}, totals, price, projection, [], skipped_records)
         groups = defaultdict(list)
         for record in records:
             groups[record.step_type].append(record)
@@ -206,7 +277,7 @@ class CostReport:
             projection["by_step_type"][kind] = {
                 "share": mix[kind], "steps_per_day": mix[kind] * steps_per_day, "full_depth_usd_per_day": full,
                 "layerroute_usd_per_day": spent, "saved_usd_per_day": full - spent}
-        return cls(by_type, totals, price, projection, list(records))
+        return cls(by_type, totals, price, projection, list(records), skipped_records)
 
     @staticmethod
     def _aggregate(records: list[StepCostRecord], price: PriceModel) -> dict:
@@ -219,21 +290,37 @@ class CostReport:
             "flops_total": total,
             "flops_executed": executed,
             "flops_saved_frac": 1 - executed / total if total else 0.0,
-            "mean_layers_skipped_frac": statistics.fmean(len(r.skipped_layers) / r.num_layers for r in records),
-            "median_latency_s": statistics.median(r.latency_s for r in records),
+            "mean_layers_skipped_frac": statistics.fmean(len(r.skipped_layers) / r.num_layers for r in records)
+            if records else 0.0,
+            "median_latency_s": statistics.median(r.latency_s for r in records) if records else 0.0,
             "usd_full_depth": price.usd(total),
             "usd_layerroute": price.usd(executed),
         }
 
     def to_dict(self) -> dict:
-        return {"by_step_type": self.by_step_type, "totals": self.totals, "price_model": self.price.describe(),
-                "projection": self.projection}
+        values = {"by_step_type": self.by_step_type, "totals": self.totals, "price_model": self.price.describe(),
+                  "projection": self.projection}
+        if self.skipped_records:
+            values["skipped_records"] = self.skipped_records
+        return values
+
+    def _skipped_note(self) -> str:
+        if not self.skipped_records:
+            return ""
+        count = sum(self.skipped_records.values())
+        reasons = ", ".join(f"{kind}: {n}" for kind, n in sorted(self.skipped_records.items()))
+        return f"{count} unreadable record{'s' * (count != 1)} skipped ({reasons})."
 
     def _counts(self) -> str:
         steps, traces = self.totals["steps"], self.totals["traces"]
         return f"{steps} step{'s' * (steps != 1)} in {traces} trace{'s' * (traces != 1)}"
 
     def to_markdown(self) -> str:
+        if self.empty:
+            lines = ["# LayerRoute trace cost report", "", "No steps: there are no step-cost records to report on."]
+            if self._skipped_note():
+                lines += ["", self._skipped_note()]
+            return "\n".join(lines) + "\n"
         lines = ["# LayerRoute trace cost report", "",
                  f"{self._counts()}; prices: {self.price.describe()}.",
                  "", "| step type | steps | tokens in / out | GFLOPs spent | GFLOPs full depth | saved | "
@@ -249,6 +336,8 @@ class CostReport:
                       f"({', '.join(f'{k} {v:.0%}' for k, v in p['observed_mix'].items())}): "
                       f"full depth ${p['full_depth_usd_per_day']:,.2f}/day, LayerRoute "
                       f"${p['layerroute_usd_per_day']:,.2f}/day, saving ${p['saved_usd_per_day']:,.2f}/day."]
+        if self._skipped_note():
+            lines += ["", self._skipped_note()]
         return "\n".join(lines) + "\n"
 
     def to_html(self, max_traces: int = 50) -> str:

@@ -68,19 +68,27 @@ def skipped_blocks(record: StepCostRecord) -> str:
     return f"{len(record.skipped_layers)}/{record.num_layers}" + (f" ({blocks})" if blocks else "")
 
 
+HEAD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>LayerRoute trace cost report</title><style>{css}</style></head>
+<body><h1>LayerRoute trace cost report</h1>"""
+
+
 def render(report: CostReport, max_traces: int = 50) -> str:
+    skipped = report._skipped_note()
+    skipped_text = f'\n<p class="note" id="skipped">{escape(skipped)}</p>' if skipped else ""
+    if report.empty:
+        return (f'{HEAD.format(css=CSS)}\n<p class="meta" id="no-steps">No steps: there are no step-cost records '
+                f"to report on.</p>{skipped_text}\n</body></html>\n")
     palette = colours(report)
     totals, p = report.totals, report.projection
     models = sorted({r.model_name for r in report.records if r.model_name})
     model_text = f" Model: {escape(', '.join(models))}." if models else ""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>LayerRoute trace cost report</title><style>{CSS}</style></head>
-<body><h1>LayerRoute trace cost report</h1>
+    return f"""{HEAD.format(css=CSS)}
 <p class="meta">{plural(totals['steps'], 'step')} in {plural(totals['traces'], 'trace')}.{model_text}
-Prices: {escape(report.price.describe())}.</p>
+Prices: {escape(report.price.describe())}.</p>{skipped_text}
 <div class="cards">
 <div class="card" id="card-flops"><b>{totals['flops_saved_frac']:.1%}</b><span>of FLOPs skipped:
 {gflops(totals['flops_executed'])} of {gflops(totals['flops_total'])} GFLOPs spent</span></div>

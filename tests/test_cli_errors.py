@@ -135,14 +135,51 @@ def test_layerroute_report_reports_bad_records_and_outputs(tmp_path, capsys):
     assert layerroute(["report", str(tmp_path / "wrong.jsonl")]) == 2
     assert "wrong.jsonl:2: not a LayerRoute step-cost record (`flops_total` must be int, got '1e9')" in error_of(
         capsys, "layerroute")
-    (tmp_path / "empty.jsonl").write_text("")
-    assert layerroute(["report", str(tmp_path / "empty.jsonl")]) == 2
-    assert "no step-cost records" in error_of(capsys, "layerroute")
     records = str(ROOT / "docs" / "cost-report-records.jsonl")
     assert layerroute(["report", records, "--usd-per-gpu-hour", "-1"]) == 2
     assert "must be positive" in error_of(capsys, "layerroute")
     assert layerroute(["report", records, "--json", str(tmp_path / "no" / "such" / "dir.json")]) == 2
     assert f"--json {tmp_path / 'no' / 'such' / 'dir.json'}: " in error_of(capsys, "layerroute")
+
+
+def test_layerroute_report_names_or_skips_broken_lines(tmp_path, capsys):
+    good = (ROOT / "docs" / "cost-report-records.jsonl").read_text().splitlines()[:3]
+    broken = tmp_path / "costs.jsonl"
+    broken.write_text("\n".join([good[0], '{"record_type": "layerroute.step", "trace_id": ', good[1], "[1, 2]", "",
+                                  json.dumps({**json.loads(good[2]), "num_layers": 0}), good[2]]) + "\n")
+    assert layerroute(["report", str(broken)]) == 2
+    error = error_of(capsys, "layerroute")
+    assert f"{broken}:2: not a LayerRoute step-cost record (not JSON: " in error and "--on-bad-record skip" in error
+    html, out_json = tmp_path / "report.html", tmp_path / "report.json"
+    assert layerroute(["report", str(broken), "--on-bad-record", "skip", "--html", str(html),
+                       "--json", str(out_json)]) == 0
+    captured = capsys.readouterr()
+    assert "3 steps in" in captured.out
+    assert "3 unreadable records skipped (inconsistent counts: 1, not JSON: 1, not a JSON object: 1)" in captured.out
+    assert [line.split(": ")[1] for line in captured.err.splitlines()] == [  # each skipped line named on stderr
+        f"skipped {broken}:2", f"skipped {broken}:4", f"skipped {broken}:6"]
+    summary = json.loads(out_json.read_text())
+    assert summary["totals"]["steps"] == 3
+    assert summary["skipped_records"] == {"not JSON": 1, "not a JSON object": 1, "inconsistent counts": 1}
+    assert 'id="skipped"' in html.read_text()
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "{oops\n"])
+def test_layerroute_report_of_no_steps_says_so(tmp_path, capsys, content):
+    records = tmp_path / "costs.jsonl"
+    records.write_text(content)
+    html, out_json = tmp_path / "report.html", tmp_path / "report.json"
+    argv = ["report", str(records), "--on-bad-record", "skip", "--html", str(html), "--json", str(out_json)]
+    assert layerroute(argv) == 0
+    out = capsys.readouterr().out
+    assert "No steps: there are no step-cost records to report on." in out
+    assert ("1 unreadable record skipped (not JSON: 1)" in out) == content.startswith("{")
+    assert 'id="no-steps"' in html.read_text()
+    summary = json.loads(out_json.read_text())
+    assert summary["totals"]["steps"] == 0 and summary["projection"]["saved_usd_per_day"] == 0
+    if not content.startswith("{"):
+        assert layerroute(argv[:2]) == 0  # nothing bad to raise about
+        assert "No steps" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- finetune.py
