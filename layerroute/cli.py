@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import time
 
 from pathlib import Path
 
 from .costs import CostReport, PriceModel, read_cost_records
 from .errors import UserError, command, user_input
+from .logs import add_log_level_argument, configure_logging
 from .steps import count_steps
 from .traces import FORMATS, read_sources
+
+logger = logging.getLogger("layerroute.cli")
 
 
 def steps_command(args: argparse.Namespace) -> int:
@@ -55,6 +60,7 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
     try:
         from .serving import serve
     except ImportError as error:
@@ -75,11 +81,16 @@ def serve_command(args: argparse.Namespace) -> int:
                             'pip install "layerroute[ray]"') from None
         # each replica loads the model itself, when it starts
         serve_on_ray(args.model, args.adapter, args.device, replicas=args.replicas, host=args.host, port=args.port,
-                     **options)
+                     log_level=args.log_level, **options)
         return 0
+    logger.info("loading %s (adapter: %s)", args.model or "the embedded SmolLM2-135M-Instruct",
+                args.adapter or "the shipped one, where there is one")
+    began = time.perf_counter()
     with user_input("--model / --adapter"):
         engine = ChatEngine.load(args.model, args.adapter, args.device)
-    serve(engine, host=args.host, port=args.port, **options)
+    logger.info("loaded %s in %.1f s: %d blocks on %s", engine.name, time.perf_counter() - began,
+                engine.model.num_layers, engine.model.device)
+    serve(engine, host=args.host, port=args.port, log_level=args.log_level, **options)
     return 0
 
 
@@ -126,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--ray", action="store_true", help="serve on Ray Serve: --replicas copies behind Ray's proxy "
                        "on --host:--port (needs the ray extra)")
     serve.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, with --ray")
+    add_log_level_argument(serve)
     serve.set_defaults(run=serve_command)
     args = parser.parse_args(argv)
     return args.run(args)

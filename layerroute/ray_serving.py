@@ -15,6 +15,7 @@ cover the deployment as a whole.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -30,6 +31,8 @@ from ray.serve.deployment import Application  # noqa: E402
 from .serving import DEFAULT_HOST, DEFAULT_PORT  # noqa: E402
 
 DEPLOYMENT_NAME = "layerroute"
+
+logger = logging.getLogger(__name__)
 
 
 def build_app(model: str | None = None, adapter: str | None = None, device: str | None = None, *,
@@ -55,11 +58,16 @@ def build_app(model: str | None = None, adapter: str | None = None, device: str 
 
 
 def serve_on_ray(model: str | None = None, adapter: str | None = None, device: str | None = None, *,
-                 replicas: int = 1, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **app_options: Any) -> None:
+                 replicas: int = 1, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info",
+                 **app_options: Any) -> None:
     """Start Ray Serve's proxy on ``host:port`` and serve :func:`build_app` there until interrupted.
 
     Without ``RAY_ADDRESS`` (a cluster to join), Ray runs locally, its own services on the loopback address.
+    ``log_level`` is Ray Serve's (its controller, proxy and replica logs).
     """
-    serve.start(http_options={"host": host, "port": port})
+    logging_config = {"log_level": log_level.upper()}
+    logger.info("starting Ray Serve on http://%s:%d: %d replica(s) of %s", host, port, replicas,
+                model or "the embedded model")
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     serve.run(build_app(model, adapter, device, replicas=replicas, **app_options), name=DEPLOYMENT_NAME,
-              route_prefix="/", blocking=True)
+              route_prefix="/", blocking=True, logging_config=logging_config)

@@ -436,8 +436,12 @@ async def _stream(scheduler: BatchScheduler, step, request: Request, metrics: Se
             metrics.abandon(job)
 
 
-def serve(engine: ChatEngine, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **app_options: Any) -> None:
-    """Run the app with uvicorn until interrupted."""
+def serve(engine: ChatEngine, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info",
+          **app_options: Any) -> None:
+    """Run the app with uvicorn until interrupted; ``log_level`` is uvicorn's (its startup and access log)."""
     import uvicorn
 
-    uvicorn.run(create_app(engine, **app_options), host=host, port=port, log_level="info")
+    app = create_app(engine, **app_options)
+    logger.info("serving %s on http://%s:%d (OpenAI-compatible: /v1/chat/completions, /v1/models; /health, /metrics)",
+                app_options.get("model_name") or engine.name, host, port)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

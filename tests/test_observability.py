@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import sys
 
 import pytest
@@ -280,3 +281,36 @@ def test_price_step_splits_prefill_from_decode():
     costs = price_step(PriceModel(usd_per_tflop=1e12), route, prompt_full_flops=400)  # $1 per FLOP
     assert costs == {"input_cost": 200.0, "output_cost": 300.0, "total_cost": 500.0, "full_depth_input_cost": 400.0,
                      "full_depth_output_cost": 600.0, "full_depth_total_cost": 1000.0, "saved_cost": 500.0}
+
+
+# ---------------------------------------------------------------------------------------------- logging
+@pytest.fixture
+def layerroute_log_level():
+    logger = logging.getLogger("layerroute")
+    saved = logger.level
+    yield logger
+    logger.setLevel(saved)
+
+
+def test_layerroute_serve_logs_through_logging_at_its_log_level(tiny_chat_dir, monkeypatch, caplog, capsys,
+                                                                 layerroute_log_level):
+    import uvicorn
+
+    from layerroute.cli import main as layerroute
+
+    runs = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: runs.append(options))
+    argv = ["serve", "--model", tiny_chat_dir, "--adapter", "none", "--served-model-name", "tiny", "--port", "8123"]
+    with caplog.at_level(logging.DEBUG):
+        assert layerroute([*argv, "--log-level", "WARNING"]) == 0
+        assert runs[-1] == {"host": "127.0.0.1", "port": 8123, "log_level": "warning"}
+        assert layerroute_log_level.level == logging.WARNING
+        assert not [r for r in caplog.records if r.name.startswith("layerroute") and r.levelno < logging.WARNING]
+        assert layerroute([*argv, "--log-level", "info"]) == 0
+    assert runs[-1]["log_level"] == "info"
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("layerroute")]
+    assert any(m.startswith(f"loaded {tiny_chat_dir} in ") and "3 blocks" in m for m in messages), messages
+    assert "serving tiny on http://127.0.0.1:8123 (OpenAI-compatible" in " ".join(messages)
+    assert capsys.readouterr().out == ""  # logs go to stderr, nothing is printed
+    with pytest.raises(SystemExit):
+        layerroute([*argv, "--log-level", "loud"])
