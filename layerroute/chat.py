@@ -204,6 +204,7 @@ class ChatEngine:
         *,
         tools: Sequence[dict] = (),
         tool_choice: Any = None,
+        parallel_tool_calls: bool = True,
         response_format: dict | None = None,
         max_tokens: int = 256,
         temperature: float = 0.0,
@@ -221,6 +222,7 @@ class ChatEngine:
             messages: canonical OpenAI-style messages (see :func:`canonical_messages` for raw request bodies).
             tools: OpenAI function tools; with ``tool_choice`` (OpenAI or LangChain form, see
                 :func:`~layerroute.toolcalls.normalize_tool_choice`) they constrain the answer's calls.
+            parallel_tool_calls: ``False``: the answer makes at most one call (it ends after it).
             response_format: OpenAI ``{"type": "json_schema", "json_schema": {"schema": ...}}`` or
                 ``{"type": "json_object"}``: the answer is JSON under that grammar; cannot be combined with tools.
             temperature: 0 is greedy decoding; above it samples, from the ``top_p`` nucleus.
@@ -253,7 +255,7 @@ class ChatEngine:
             grammar, instruction = _response_grammar(self.grammars(), response_format)
             messages = _with_instruction(messages, instruction)
         elif tools:
-            grammar = self.grammars().tool_calls(visible_tools, choice)
+            grammar = self.grammars().tool_calls(visible_tools, choice, parallel_tool_calls)
         prompt = render_chat(self.tokenizer, messages, visible_tools, add_generation_prompt=True)
         prompt_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
         if context_budget is not None and prompt_ids.shape[0] > context_budget:

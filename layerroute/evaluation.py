@@ -127,7 +127,9 @@ def agent_quality(model: LayerRouteModel, tokenizer, grammars: DecodingGrammars,
                   cases: list[tuple[Step, TokenizedStep]], forced_skip=None, skip_threshold: float | None = None,
                   lora: bool = True, extra_tokens: int = 32) -> list[dict]:
     """Greedy-generate each step as an agent would, with its tools bound and tool calls grammar-constrained
-    (:mod:`layerroute.grammar`, ``tool_choice`` auto), and score what was generated.
+    (:mod:`layerroute.grammar`, ``tool_choice`` auto), and score what was generated. A tool-call step whose reference
+    makes one call is generated with ``parallel_tool_calls`` off (the answer ends after one call), as BFCL's single-call
+    categories are; one whose reference makes several may make several.
 
     Tool-call steps get :func:`layerroute.toolcalls.score_calls` against the reference calls (``valid``,
     ``names_correct``, ``arguments_correct``); answers after tool results get ``answer_f1`` (token F1 against the
@@ -140,7 +142,9 @@ def agent_quality(model: LayerRouteModel, tokenizer, grammars: DecodingGrammars,
     records = []
     for step, example in tqdm(cases, desc="agent quality", leave=False):
         ids = torch.tensor([example.context_ids], device=model.device)
-        processor = DecodingGrammars.processor(grammars.tool_calls(step.tools, None)) if step.tools else None
+        parallel = step.step_type != "tool_call" or len(step.target["tool_calls"]) > 1
+        processor = (DecodingGrammars.processor(grammars.tool_calls(step.tools, None, parallel)) if step.tools
+                     else None)
         with nullcontext() if lora else model.lora_disabled():
             out = model.generate(ids, forced_skip=forced_skip, skip_threshold=skip_threshold, do_sample=False,
                                  max_new_tokens=len(example.target_ids) + extra_tokens,

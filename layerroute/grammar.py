@@ -16,6 +16,8 @@ text is free, except where ``tool_choice`` says otherwise:
 - ``("none",)``: prose only, a ``<tool_call>`` tag can never be written;
 - ``("required",)``: at least one call;
 - ``("name", NAME)``: exactly one call, of that tool.
+
+With ``parallel_tool_calls=False`` (OpenAI's parameter of that name) the answer ends after its first call.
 """
 
 from __future__ import annotations
@@ -60,15 +62,17 @@ class DecodingGrammars:
         self._tool_calls = lru_cache(maxsize=256)(self._compile_tool_calls)
         self._json_schema = lru_cache(maxsize=256)(self._compile_json_schema)
 
-    def tool_calls(self, tools: list[dict], tool_choice: tuple | None) -> xgr.CompiledGrammar:
+    def tool_calls(self, tools: list[dict], tool_choice: tuple | None,
+                   parallel_tool_calls: bool = True) -> xgr.CompiledGrammar:
         """The grammar of an answer with ``tools`` bound (OpenAI function tools) under a normalised ``tool_choice``
-        (see :func:`layerroute.toolcalls.normalize_tool_choice`).
+        (see :func:`layerroute.toolcalls.normalize_tool_choice`); without ``parallel_tool_calls`` the answer ends
+        after its first call.
 
         A tool whose parameter schema xgrammar cannot compile keeps its name constrained but its arguments free (any
         JSON object), with a warning naming the tool and the reason; a call never fails on a schema.
         """
         # the JSON text is the cache key; keys keep their order, since the grammar holds properties in schema order
-        return self._tool_calls(json.dumps(tools), tool_choice)
+        return self._tool_calls(json.dumps(tools), tool_choice, parallel_tool_calls)
 
     def json_schema(self, schema: dict) -> xgr.CompiledGrammar:
         """The grammar of a JSON value valid under ``schema``; a ``ValueError`` names what the engine rejects."""
@@ -86,7 +90,8 @@ class DecodingGrammars:
         return RowGrammars(grammar)
 
     # ------------------------------------------------------------------ compilation (cached)
-    def _compile_tool_calls(self, tools_json: str, tool_choice: tuple | None) -> xgr.CompiledGrammar:
+    def _compile_tool_calls(self, tools_json: str, tool_choice: tuple | None,
+                            parallel_tool_calls: bool) -> xgr.CompiledGrammar:
         if tool_choice == ("none",):
             tag = xgr.StructuralTag(format=AnyTextFormat(excludes=[TOOL_CALL_TAG]))
         else:
@@ -94,7 +99,8 @@ class DecodingGrammars:
             choice = ("auto" if tool_choice is None else "required" if tool_choice == ("required",)
                       else {"type": "function", "function": {"name": tool_choice[1]}})
             tag = xgr.get_model_structural_tag(TOOL_CALL_FORMAT, tools=tools, tool_choice=choice,
-                                               reasoning="disabled", max_whitespace_cnt=MAX_JSON_WHITESPACE)
+                                               reasoning="disabled", max_whitespace_cnt=MAX_JSON_WHITESPACE,
+                                               parallel_tool_calls=parallel_tool_calls)
         with self._lock:
             return self._compiler.compile_structural_tag(tag)
 

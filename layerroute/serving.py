@@ -67,6 +67,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Any]
     tools: list[Any] | None = None
     tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True
     response_format: dict | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -317,6 +318,7 @@ def _prepare(engine: ChatEngine, body: ChatCompletionRequest, context_budget: in
             canonical_messages(body.messages, tools),
             tools=tools,
             tool_choice=body.tool_choice,
+            parallel_tool_calls=body.parallel_tool_calls,
             response_format=response_format,
             max_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
             temperature=body.temperature if body.temperature is not None else 0.0,

@@ -191,6 +191,20 @@ def test_bound_tool_calls_follow_the_tool_schema_even_from_a_random_model(tiny_c
         assert message.response_metadata["layerroute"]["step_type"] == "tool_call"
 
 
+def test_parallel_tool_calls_reaches_the_grammar(tiny_chat_dir, monkeypatch):
+    # what the grammar then allows is tested in test_grammar.py; a random model never writes a second call anyway
+    from layerroute.grammar import DecodingGrammars
+
+    asked = []
+    compile_tool_calls = DecodingGrammars.tool_calls
+    monkeypatch.setattr(DecodingGrammars, "tool_calls", lambda self, tools, choice, parallel=True: (
+        asked.append(parallel) or compile_tool_calls(self, tools, choice, parallel)))
+    llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=40)
+    llm.bind_tools([set_mode], tool_choice="any", parallel_tool_calls=False).invoke("Lights off")
+    llm.bind_tools([set_mode], tool_choice="any").invoke("Lights off")
+    assert asked == [False, True]
+
+
 def test_tool_choice_none_never_calls(tiny_chat_dir):
     llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=40, temperature=1.0, seed=3)
     for _ in range(3):

@@ -92,3 +92,13 @@ def test_properties_keep_the_schemas_order(grammars):
     call = '<tool_call>\n{"name": "book", "arguments": {"setup": "a", "punchline": "b"}}\n</tool_call>'
     assert accepts(grammars, calls, call)
     assert not accepts(grammars, calls, call.replace('"setup": "a", "punchline": "b"', '"punchline": "b", "setup": "a"'))
+
+
+def test_without_parallel_calls_the_answer_ends_after_its_first_call(grammars):
+    single, required = (grammars[0].tool_calls([WEATHER], choice, parallel_tool_calls=False)
+                        for choice in (None, ("required",)))
+    for grammar in (single, required):
+        assert accepts(grammars, grammar, OSLO)
+        assert not accepts(grammars, grammar, OSLO + "\n" + OSLO.replace("Oslo", "Rome"), complete=False)
+    assert accepts(grammars, single, "The weather is fine.")  # auto may still answer in prose
+    assert grammars[0].tool_calls([WEATHER], None) is not single  # cached apart from the parallel grammar

@@ -146,15 +146,19 @@ class ChatLayerRoute(BaseChatModel):
         tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
         *,
         tool_choice: str | bool | dict | None = None,
+        parallel_tool_calls: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (OpenAI schemas, LangChain tools, pydantic models or functions).
 
         ``tool_choice``: ``"auto"`` (default), ``"none"`` (tools hidden), ``"any"`` / ``"required"`` / ``True``
         (must call some tool), a tool name or ``{"type": "function", "function": {"name": ...}}`` (must call it).
+        ``parallel_tool_calls=False``: an answer makes at most one call (default: as many as the model writes).
         """
         formatted = [convert_to_openai_tool(tool) for tool in tools]
         names = [tool["function"]["name"] for tool in formatted]
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
         return super().bind(tools=formatted, tool_choice=normalize_tool_choice(tool_choice, names), **kwargs)
 
     def with_structured_output(
@@ -208,6 +212,7 @@ class ChatLayerRoute(BaseChatModel):
             [_to_openai_message(message) for message in messages],
             tools=kwargs.get("tools") or [],
             tool_choice=kwargs.get("tool_choice"),
+            parallel_tool_calls=kwargs.get("parallel_tool_calls", True),
             response_format=kwargs.get("response_format"),
             max_tokens=kwargs.get("max_tokens", self.max_tokens),
             temperature=kwargs.get("temperature", self.temperature),
