@@ -114,3 +114,18 @@ def test_the_core_imports_and_runs_without_the_optional_extras_and_names_each_mi
     assert "langchain_core is not installed" in results["langchain_error"]
     assert "pip install 'layerroute[langchain]'" in results["langchain_error"]
     assert results["finetune_help"] == [0, True]
+
+
+def test_with_the_plot_extra_the_training_report_has_its_figure(tmp_path):
+    from layerroute.evaluation import write_training_report
+
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": step, "lm_loss": 2.0 - step / 10, "seconds": 1.0,
+                    "skip_rate_by_type": {"tool_call": 0.1 * step}}) + "\n" for step in range(1, 4)))
+    report = {"by_step_type": {"tool_call": {"steps": 2, "layers_skipped_frac": 0.5, "flops_skipped_frac": 0.4,
+                                             "block_skip_rate": [1.0, 0.0]},
+                               "planning": {"steps": 2, "layers_skipped_frac": 0.0, "flops_skipped_frac": 0.0,
+                                            "block_skip_rate": [0.0, 0.0]}}}
+    write_training_report(tmp_path, report, tmp_path / "metrics.jsonl", {"seed": 0})
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![per-block skip rate and training curves](report.png)" in (tmp_path / "report.md").read_text()
