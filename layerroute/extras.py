@@ -7,7 +7,8 @@ them. The extras (``pyproject.toml``):
 - ``hub``: datasets, for reading public data sets by name from the Hugging Face Hub
   (:func:`layerroute.traces.load_hub_traces`);
 - ``langchain``: langchain-core (and langchain, for agents), for ``langchain_layerroute``;
-- ``serve`` / ``ray``: the HTTP server (``layerroute serve``).
+- ``serve`` / ``ray``: the HTTP server (``layerroute serve``);
+- ``otel``: opentelemetry-api, for one span per generated step (:mod:`layerroute.telemetry`; a no-op without it).
 """
 
 from __future__ import annotations
