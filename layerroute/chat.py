@@ -28,8 +28,10 @@ import torch
 from torch.nn import functional as F
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from . import telemetry
+from .architectures import text_config
 from .config import check_skip_threshold
 from .grammar import TOOL_CALL_TAG, DecodingGrammars
 from .loading import EMBEDDED_MODEL, default_adapter_dir, load_base_model
@@ -39,19 +41,56 @@ from .steps import render_chat
 from .toolcalls import normalize_tool_choice, parse_tool_calls
 
 ROUTING_MODES = ("auto", "off")
+# what prepare does with a prompt over its limit: refuse it with the counts, or drop the oldest messages
+CONTEXT_OVERFLOWS = ("error", "truncate")
 JSON_SCHEMA_INSTRUCTION = "Answer with a JSON object, and nothing else, that is valid under this JSON schema:\n{schema}"
 JSON_OBJECT_INSTRUCTION = "Answer with a JSON object, and nothing else."
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ContextBudgetError(ValueError):
-    """The rendered prompt has more tokens than the context budget allows."""
+    """The prompt does not fit: it has more tokens than the context budget allows, or than the base model's maximum
+    positions leave once ``max_tokens`` more are generated.
 
-    def __init__(self, prompt_tokens: int, budget: int):
-        super().__init__(f"the prompt has {prompt_tokens} tokens, over this model's context budget of {budget} tokens; "
-                         "shorten the messages or the tool schemas")
-        self.prompt_tokens = prompt_tokens
-        self.budget = budget
+    Attributes:
+        prompt_tokens: the prompt's tokens (with ``context_overflow="truncate"``, those of its shortest cut).
+        max_tokens: the tokens the step asked to generate.
+        budget: the configured context budget, or ``None``.
+        max_positions: the base model's maximum positions, or ``None`` when it states none.
+        limit: the most prompt tokens accepted, ``min(budget, max_positions - max_tokens)``.
+    """
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, budget: int | None, max_positions: int | None,
+                 truncated: bool = False):
+        self.prompt_tokens, self.max_tokens, self.budget, self.max_positions = (prompt_tokens, max_tokens, budget,
+                                                                                max_positions)
+        self.limit = _prompt_limit(max_tokens, budget, max_positions)
+        prompt = (f"even with every older message dropped, the system prompt, tool schemas and last message take "
+                  f"{prompt_tokens} tokens" if truncated else f"the prompt has {prompt_tokens} tokens")
+        if self.limit == budget:
+            message = (f"{prompt}, over this model's context budget of {budget} tokens; shorten the messages or the "
+                       "tool schemas")
+        else:
+            message = (f"{prompt} and max_tokens asks for {max_tokens} more: {prompt_tokens + max_tokens} positions, "
+                       f"over the base model's maximum of {max_positions}; shorten the messages or the tool schemas, "
+                       "or lower max_tokens")
+        super().__init__(message)
+
+
+def _prompt_limit(max_tokens: int, budget: int | None, max_positions: int | None) -> int | None:
+    """The most prompt tokens a step generating ``max_tokens`` may bring (``None``: no limit)."""
+    limits = [limit for limit in (budget, None if max_positions is None else max_positions - max_tokens)
+              if limit is not None]
+    return min(limits) if limits else None
+
+
+def max_positions(model, tokenizer) -> int | None:
+    """The most positions (prompt plus generated tokens) ``model`` takes: the smaller of its config's
+    ``max_position_embeddings`` and the tokenizer's ``model_max_length``, of those that are set (transformers puts a
+    huge placeholder in an unset ``model_max_length``); ``None`` when neither is."""
+    limits = [getattr(text_config(model), "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    real = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < VERY_LARGE_INTEGER]
+    return min(real) if real else None
 
 
 @dataclass
@@ -66,6 +105,9 @@ class ChatStep:
         routing: ``"auto"`` (the routers decide) or ``"off"`` (every block runs).
         skip_threshold: a block is skipped where its router's keep probability is below this; ``None`` is the
             adapter's own threshold.
+        max_time: wall-clock limit of the generation in seconds, or ``None``.
+        dropped_messages: how many of the oldest messages were dropped to fit the context
+            (``context_overflow="truncate"``).
         telemetry: the OpenTelemetry context the step was prepared in, parent of its span
             (:mod:`layerroute.telemetry`; ``None`` without the ``otel`` extra).
     """
@@ -80,6 +122,7 @@ class ChatStep:
     routing: str
     skip_threshold: float | None
     max_time: float | None
+    dropped_messages: int = 0
     telemetry: telemetry.SpanParent | None = None
 
     @property
@@ -121,9 +164,12 @@ class ChatAnswer:
     Attributes:
         content: the prose of the answer (tool-call markup removed when it carries calls).
         text: everything generated, stop sequences cut, special tokens dropped.
-        finish_reason: ``"tool_calls"``, ``"length"`` (``max_new_tokens`` ran out) or ``"stop"``.
+        finish_reason: ``"tool_calls"``, ``"length"`` (``max_new_tokens`` ran out, or the step's timeout did:
+            :attr:`timed_out` says which) or ``"stop"``.
         route: ``step_type``, the :class:`~layerroute.RouteStats` fields and ``latency_s``: what
             ``response_metadata["layerroute"]`` and the server's ``layerroute`` object carry.
+        timed_out: the step's timeout stopped its generation before the answer ended.
+        dropped_messages: the oldest messages dropped to fit the context (:attr:`ChatStep.dropped_messages`).
     """
 
     content: str
@@ -134,6 +180,8 @@ class ChatAnswer:
     completion_tokens: int
     finish_reason: str
     route: dict
+    timed_out: bool = False
+    dropped_messages: int = 0
 
     @property
     def step_type(self) -> str:
@@ -149,6 +197,10 @@ class ChatEngine:
         model: the routed model, in eval mode.
         tokenizer: its tokenizer (with a chat template).
         name: the model's name, as front ends report it.
+
+    Attributes:
+        max_positions: the most positions, prompt plus generated tokens, the base model takes (:func:`max_positions`);
+            :meth:`prepare` never lets a step exceed them.
     """
 
     def __init__(self, model: LayerRouteModel, tokenizer, name: str) -> None:
@@ -163,6 +215,7 @@ class ChatEngine:
         if tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.max_positions = max_positions(model.base_model, tokenizer)
 
     @classmethod
     def load(cls, model: str | None = None, adapter: str | None = None, device: str | None = None,
@@ -215,6 +268,7 @@ class ChatEngine:
         skip_threshold: float | None = None,
         timeout: float | None = None,
         context_budget: int | None = None,
+        context_overflow: str = "error",
     ) -> ChatStep:
         """Render, tokenize and constrain one step.
 
@@ -230,10 +284,20 @@ class ChatEngine:
             routing: ``"auto"`` or ``"off"`` (every block runs: the same adapter at full depth, for A/B tests).
             skip_threshold: a block is skipped where its router's keep probability is below this (``None``: the
                 adapter's threshold).
-            timeout: wall-clock limit of the generation in seconds.
-            context_budget: the most prompt tokens accepted; :class:`ContextBudgetError` past it.
+            timeout: wall-clock limit of the generation in seconds; a generation it stops ends with
+                ``finish_reason="length"`` and ``timed_out=True``.
+            context_budget: the most prompt tokens accepted (``None``: no budget of its own).
+            context_overflow: what happens to a prompt over ``context_budget``, or one that does not leave
+                ``max_tokens`` positions free within the base model's :attr:`max_positions`. ``"error"`` (the default)
+                raises :class:`ContextBudgetError` with the counts. ``"truncate"`` cuts the conversation from the left:
+                the leading system messages (with a ``response_format``'s instruction) and the tool schemas stay
+                whole, and the oldest of the other messages are dropped, as few as make it fit. An assistant message
+                that calls tools is dropped together with the tool results that follow it, so no call is left
+                without its result nor a result without its call; the last message (with the results answering it)
+                is never dropped, and when it does not fit even so, :class:`ContextBudgetError` is raised.
 
         Raises:
+            ContextBudgetError: the prompt does not fit (see ``context_overflow``); a ``ValueError``.
             ValueError: an argument the engine cannot serve (the message says which and why).
         """
         tools = list(tools or [])
@@ -245,6 +309,10 @@ class ChatEngine:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+        if context_overflow not in CONTEXT_OVERFLOWS:
+            raise ValueError(f"context_overflow must be 'error' or 'truncate', got {context_overflow!r}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         messages = list(messages)
         visible_tools = [] if choice == ("none",) else tools
         grammar = None
@@ -256,15 +324,52 @@ class ChatEngine:
             messages = _with_instruction(messages, instruction)
         elif tools:
             grammar = self.grammars().tool_calls(visible_tools, choice, parallel_tool_calls)
-        prompt = render_chat(self.tokenizer, messages, visible_tools, add_generation_prompt=True)
-        prompt_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
-        if context_budget is not None and prompt_ids.shape[0] > context_budget:
-            raise ContextBudgetError(int(prompt_ids.shape[0]), context_budget)
+        prompt_ids = self._prompt_ids(messages, visible_tools)
+        limit = _prompt_limit(max_tokens, context_budget, self.max_positions)
+        dropped = 0
+        if limit is not None and prompt_ids.shape[0] > limit:
+            if context_overflow == "error":
+                raise ContextBudgetError(int(prompt_ids.shape[0]), max_tokens, context_budget, self.max_positions)
+            messages, prompt_ids, dropped = self._cut_to_fit(messages, visible_tools, limit)
+            if prompt_ids.shape[0] > limit:
+                raise ContextBudgetError(int(prompt_ids.shape[0]), max_tokens, context_budget, self.max_positions,
+                                         truncated=True)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         return ChatStep(prompt_ids=prompt_ids, grammar=grammar, max_new_tokens=max_tokens,
                         temperature=float(temperature or 0.0), top_p=float(top_p), stop=tuple(s for s in stop if s),
                         seed=seed, routing=routing, skip_threshold=skip_threshold, max_time=timeout,
-                        telemetry=telemetry.capture())
+                        dropped_messages=dropped, telemetry=telemetry.capture())
+
+    def _prompt_ids(self, messages: list[dict], tools: list[dict]) -> torch.Tensor:
+        """``(prompt_tokens,)``: ``messages`` and ``tools`` rendered with the assistant prompt, tokenized."""
+        prompt = render_chat(self.tokenizer, messages, tools, add_generation_prompt=True)
+        return self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+    def _cut_to_fit(self, messages: list[dict], tools: list[dict], limit: int) -> tuple[list[dict], torch.Tensor, int]:
+        """``messages`` with the fewest oldest messages dropped that bring the prompt within ``limit`` tokens (see
+        ``context_overflow`` in :meth:`prepare`), its prompt ids and how many were dropped; the shortest cut when none
+        fits. Dropping more never lengthens the prompt, so the cut is found by bisection: a few renderings."""
+        head = 0
+        while head < len(messages) and messages[head]["role"] == "system":
+            head += 1
+        # where a kept tail may begin: at any message after the system prompt but a tool result, which stays with
+        # the call it answers
+        starts = [index for index in range(head, len(messages)) if messages[index]["role"] != "tool"] or [head]
+        low, high = 0, len(starts) - 1  # the answer lies in starts[low..high]; starts[high] is the shortest cut
+        cuts: dict[int, torch.Tensor] = {}
+
+        def prompt_of(position: int) -> torch.Tensor:
+            if position not in cuts:
+                cuts[position] = self._prompt_ids(messages[:head] + messages[starts[position]:], tools)
+            return cuts[position]
+
+        while low < high:
+            middle = (low + high) // 2
+            if prompt_of(middle).shape[0] <= limit:
+                high = middle
+            else:
+                low = middle + 1
+        return messages[:head] + messages[starts[low]:], prompt_of(low), starts[low] - head
 
     # ------------------------------------------------------------------ generating
     def generate(
@@ -311,15 +416,20 @@ class ChatEngine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if first.stop:
             kwargs.update(stop_strings=list(first.stop), tokenizer=self.tokenizer)
-        if first.max_time:
-            kwargs["max_time"] = first.max_time
         if forced_skip is None:
             kwargs["skip_threshold"] = first.skip_threshold
         if any(step.grammar is not None for step in steps):
             kwargs["logits_processor"] = LogitsProcessorList(
                 [DecodingGrammars.processor([step.grammar for step in steps])])
+        criteria = StoppingCriteriaList()
         if cancelled is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_RowsCancelled(cancelled, len(steps))])
+            criteria.append(_RowsCancelled(cancelled, len(steps)))
+        deadline = None
+        if first.max_time:
+            deadline = _Deadline(first.max_time)  # HF's max_time, but the answers learn whether it stopped them
+            criteria.append(deadline)
+        if criteria:
+            kwargs["stopping_criteria"] = criteria
         if on_token is not None:
             kwargs["streamer"] = _RowStreamer(on_token)
         began, began_ns = time.perf_counter(), telemetry.now_ns()
@@ -332,7 +442,8 @@ class ChatEngine:
         latency = time.perf_counter() - began
         routes = self.model.last_routes
         new_tokens = sequences[:, input_ids.shape[1]:].tolist()
-        answers = [self._answer(step, tokens, route, latency)
+        timed_out = deadline is not None and deadline.expired
+        answers = [self._answer(step, tokens, route, latency, timed_out)
                    for step, tokens, route in zip(steps, new_tokens, routes)]
         telemetry.record_generations(self.name, steps, answers, began_ns)  # one `chat {model}` span per step
         return answers
@@ -357,16 +468,19 @@ class ChatEngine:
                 return tokens[: position + 1]
         return tokens
 
-    def _answer(self, step: ChatStep, tokens: list[int], route, latency: float) -> ChatAnswer:
+    def _answer(self, step: ChatStep, tokens: list[int], route, latency: float, deadline_expired: bool) -> ChatAnswer:
+        """The answer of a row that generated ``tokens``; ``deadline_expired``: the batch's timeout stopped it."""
         tokens = self._generated(tokens)
-        text = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), step.stop)
+        decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = cut_at_stop(decoded, step.stop)
         parsed = parse_tool_calls(text)
         calls = [ToolCall(_call_id(), call.name, call.arguments) for call in parsed.tool_calls]
         invalid = [MalformedToolCall(_call_id(), call.name, call.text, call.error)
                    for call in parsed.invalid_tool_calls]
-        ended = bool(tokens) and tokens[-1] in self.eos_token_ids
-        finish_reason = ("tool_calls" if calls else "length" if len(tokens) >= step.max_new_tokens and not ended
-                         else "stop")
+        ended = bool(tokens) and tokens[-1] in self.eos_token_ids or text != decoded  # an end token, a stop sequence
+        cut_short = len(tokens) >= step.max_new_tokens and not ended
+        timed_out = deadline_expired and not ended and not cut_short
+        finish_reason = "tool_calls" if calls else "length" if cut_short or timed_out else "stop"
         return ChatAnswer(
             content=parsed.content if (calls or invalid) else text.strip(),
             text=text,
@@ -377,6 +491,8 @@ class ChatEngine:
             finish_reason=finish_reason,
             route={"step_type": "tool_call" if (calls or invalid) else "planning", **route.to_dict(),
                    "latency_s": latency},
+            timed_out=timed_out,
+            dropped_messages=step.dropped_messages,
         )
 
     def text_deltas(self, step: ChatStep) -> TextDeltas:
@@ -633,6 +749,18 @@ class _RowStreamer(BaseStreamer):
         pass
 
 
+class _Deadline(StoppingCriteria):
+    """Stops every row once ``seconds`` have passed since it was made (HF's ``max_time``), and remembers it did."""
+
+    def __init__(self, seconds: float):
+        self.ends = time.perf_counter() + seconds
+        self.expired = False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.expired = self.expired or time.perf_counter() >= self.ends
+        return torch.full((input_ids.shape[0],), self.expired, dtype=torch.bool, device=input_ids.device)
+
+
 class _RowsCancelled(StoppingCriteria):
     """Stops the rows whose request was cancelled (``cancelled(row)``); generation ends when every row has."""
 
@@ -649,5 +777,6 @@ _ENGINES: dict[tuple, ChatEngine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-__all__ = ["ChatAnswer", "ChatEngine", "ChatStep", "ContextBudgetError", "MalformedToolCall", "Prefill", "TextDeltas",
-           "ToolCall", "canonical_messages", "canonical_tools", "cut_at_stop", "prefill_step"]
+__all__ = ["CONTEXT_OVERFLOWS", "ChatAnswer", "ChatEngine", "ChatStep", "ContextBudgetError", "MalformedToolCall",
+           "Prefill", "TextDeltas", "ToolCall", "canonical_messages", "canonical_tools", "cut_at_stop", "max_positions",
+           "prefill_step"]

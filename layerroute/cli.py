@@ -69,6 +69,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from .chat import ChatEngine
 
     options = {"model_name": args.served_model_name, "context_budget": args.context_budget,
+               "context_overflow": args.context_overflow,
                "default_max_tokens": args.max_tokens, "api_key": args.api_key, "max_batch_size": args.max_batch_size,
                "batch_window_ms": args.batch_window_ms, "grouping": not args.no_grouping}
     if args.replicas != 1 and not args.ray:
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: the loader's)")
     serve.add_argument("--context-budget", type=int, default=2048, help="most prompt tokens a request may bring")
+    serve.add_argument("--context-overflow", choices=("error", "truncate"), default="error", help="a prompt over "
+                       "the budget or the model's positions: refuse it (400, with the counts) or drop its oldest "
+                       "messages (system prompt and tools kept)")
     serve.add_argument("--max-tokens", type=int, default=256, help="generated tokens when a request sets no limit")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model, or "
                        "embedded:SmolLM2-135M-Instruct)")

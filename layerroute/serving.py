@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import telemetry
 from .batching import BatchScheduler, Job, Served
-from .chat import ChatEngine, ContextBudgetError, canonical_messages, canonical_tools
+from .chat import CONTEXT_OVERFLOWS, ChatEngine, ContextBudgetError, canonical_messages, canonical_tools
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ def create_app(
     *,
     model_name: str | None = None,
     context_budget: int = DEFAULT_CONTEXT_BUDGET,
+    context_overflow: str = "error",
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     api_key: str | None = None,
     max_batch_size: int = 16,
@@ -170,11 +171,17 @@ def create_app(
 
     Args:
         model_name: the model id clients name in requests (``GET /v1/models`` lists it); default ``engine.name``.
-        context_budget: the most prompt tokens a request may bring; more is answered 400 with the counts.
+        context_budget: the most prompt tokens a request may bring (the base model's maximum positions, less the
+            request's ``max_tokens``, bound it too).
+        context_overflow: a prompt over either limit is answered 400 ``context_length_exceeded`` with the counts
+            (``"error"``), or cut from the left (``"truncate"``: system prompt and tools kept, the oldest messages
+            dropped, tool calls with their results); see :meth:`~layerroute.chat.ChatEngine.prepare`.
         default_max_tokens: generated tokens when a request sets neither ``max_tokens`` nor ``max_completion_tokens``.
         api_key: when set, ``/v1/*`` demands ``Authorization: Bearer <api_key>`` (401 otherwise).
         max_batch_size, batch_window_ms, grouping: the batching (:class:`~layerroute.batching.BatchScheduler`).
     """
+    if context_overflow not in CONTEXT_OVERFLOWS:
+        raise ValueError(f"context_overflow must be 'error' or 'truncate', got {context_overflow!r}")
     served_name = model_name or engine.name
     metrics = ServerMetrics()
     state: dict[str, BatchScheduler] = {}
@@ -232,7 +239,7 @@ def create_app(
         if body.model != served_name:
             raise OpenAIError(404, f"the model {body.model!r} does not exist; this server serves {served_name!r}",
                               code="model_not_found", param="model")
-        step = await run_in_threadpool(_prepare, engine, body, context_budget, default_max_tokens)
+        step = await run_in_threadpool(_prepare, engine, body, context_budget, context_overflow, default_max_tokens)
         step.telemetry = telemetry.capture(served_name, request.headers)  # its span: `chat {served_name}`
         scheduler = state["scheduler"]
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -308,7 +315,8 @@ def route_headers(route: dict) -> dict[str, str]:
     return headers
 
 
-def _prepare(engine: ChatEngine, body: ChatCompletionRequest, context_budget: int, default_max_tokens: int):
+def _prepare(engine: ChatEngine, body: ChatCompletionRequest, context_budget: int, context_overflow: str,
+             default_max_tokens: int):
     """The request as a prepared :class:`~layerroute.chat.ChatStep`; bad input as :class:`OpenAIError` (400)."""
     dial = body.layerroute or RouteDial()
     response_format = body.response_format if (body.response_format or {}).get("type") != "text" else None
@@ -328,10 +336,12 @@ def _prepare(engine: ChatEngine, body: ChatCompletionRequest, context_budget: in
             routing=dial.routing,
             skip_threshold=dial.skip_threshold,
             context_budget=context_budget,
+            context_overflow=context_overflow,
         )
     except ContextBudgetError as error:
         raise OpenAIError(400, str(error), code="context_length_exceeded", param="messages",
-                          prompt_tokens=error.prompt_tokens, context_budget=error.budget) from None
+                          prompt_tokens=error.prompt_tokens, max_tokens=error.max_tokens,
+                          context_budget=error.budget, max_positions=error.max_positions) from None
     except ValueError as error:
         raise OpenAIError(400, str(error)) from None
 

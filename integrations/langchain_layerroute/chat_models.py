@@ -59,6 +59,18 @@ class ChatLayerRoute(BaseChatModel):
     Construction is cheap: the model loads on the first call, once per process for each base model, adapter and
     device (instances that differ only in generation settings share it).
 
+    Limits: a prompt must leave ``max_tokens`` positions free within the base model's maximum positions
+    (``max_position_embeddings``, or the tokenizer's ``model_max_length`` when smaller) and stay within
+    ``context_budget`` when one is set. By default (``context_overflow="error"``) a prompt over either limit raises
+    :class:`layerroute.chat.ContextBudgetError`, a ``ValueError`` whose message and attributes give the token counts;
+    with ``context_overflow="truncate"`` the conversation is cut from the left instead: the system prompt and the tool
+    schemas are kept, the oldest messages dropped (a tool call always together with its results), and
+    ``response_metadata["dropped_messages"]`` says how many. ``timeout`` stops a generation after that many seconds:
+    the answer then has ``finish_reason="length"`` and ``response_metadata["timed_out"]`` true.
+
+    Thread-safe: concurrent ``invoke`` / ``ainvoke`` calls on one instance, each with its own bound tools, get their
+    own tool calls and route stats.
+
     Example:
         ```python
         from langchain_layerroute import ChatLayerRoute
@@ -80,7 +92,15 @@ class ChatLayerRoute(BaseChatModel):
     seed: int | None = None
     """Seeds sampling (process-wide torch RNG, taken under a lock) for reproducible non-greedy answers."""
     timeout: float | None = None
-    """Wall-clock limit in seconds for one generation (HF ``max_time``)."""
+    """Wall-clock limit in seconds for one generation (HF ``max_time``); an answer it stops has
+    ``finish_reason="length"`` and ``response_metadata["timed_out"]`` true. Also per call."""
+    context_budget: int | None = None
+    """The most prompt tokens a step may bring, below the base model's own limit; ``None``: only that limit (the
+    model's maximum positions less ``max_tokens``). Also per call."""
+    context_overflow: Literal["error", "truncate"] = "error"
+    """A prompt over the limit: ``"error"`` raises ``ContextBudgetError`` (a ``ValueError``) with the token counts;
+    ``"truncate"`` drops the oldest messages, keeping the system prompt, the tools and tool call/result pairs. Also per
+    call."""
     max_retries: int = 0
     """Accepted for interface compatibility; local generation is not retried."""
     streaming: bool = False
@@ -221,7 +241,9 @@ class ChatLayerRoute(BaseChatModel):
             seed=kwargs.get("seed", self.seed),
             routing=kwargs.get("routing", self.routing),
             skip_threshold=kwargs.get("skip_threshold", self.skip_threshold),
-            timeout=self.timeout,
+            timeout=kwargs.get("timeout", self.timeout),
+            context_budget=kwargs.get("context_budget", self.context_budget),
+            context_overflow=kwargs.get("context_overflow", self.context_overflow),
         )
 
     def _message(self, answer: ChatAnswer, streamed: bool = False) -> AIMessage:
@@ -245,6 +267,8 @@ class ChatLayerRoute(BaseChatModel):
                 "model_name": self.model_name,
                 "model_provider": "layerroute",
                 "finish_reason": answer.finish_reason,
+                "timed_out": answer.timed_out,
+                "dropped_messages": answer.dropped_messages,
                 "layerroute": route,
             },
         )
