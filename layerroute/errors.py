@@ -29,6 +29,12 @@ class MissingInputError(UserError, FileNotFoundError):
     """A file, directory or data set the user named does not exist or cannot be reached."""
 
 
+class InvalidAdapterError(UserError, ValueError):
+    """An adapter directory whose files LayerRoute will not load: a truncated or corrupt weights file, a config that
+    does not fit its weights or was edited into something ``save_pretrained`` never writes, or weights only in a
+    pickle-based format. The message names the file and the reason."""
+
+
 @contextmanager
 def user_input(what: str) -> Iterator[None]:
     """Re-raise ``ValueError`` and ``OSError`` from loading something the user named as a :class:`UserError`.

@@ -15,15 +15,17 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from transformers import DynamicCache
 from transformers.generation import GenerateDecoderOnlyOutput
 
 from . import __version__
+from .adapter_files import check_adapter_weights, read_adapter_config, read_adapter_weights
 from .architectures import ModelShape, find_decoder_blocks, model_shape
 from .config import LayerRouteConfig, check_skip_threshold
+from .errors import InvalidAdapterError
 from .flops import RouteStats, step_route_stats
 from .router import FAMILIARITY_BUFFERS, ROUTING_STATE, RoutedBlock, Router, RoutingState
 
@@ -507,51 +509,53 @@ class LayerRouteModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, adapter_dir: str | os.PathLike, base_model: nn.Module | str | None = None
+        cls, adapter_dir: str | os.PathLike, base_model: nn.Module | str | None = None, *, allow_pickle: bool = False
     ) -> "LayerRouteModel":
         """Load a saved adapter onto ``base_model``.
+
+        The adapter's files are checked before any weight is loaded (:mod:`layerroute.adapter_files`): a weights file
+        cut short or corrupted, a config edited into keys, types or values ``save_pretrained`` never writes, or
+        weights whose names or shapes disagree with the config are refused, with the file and the reason.
 
         Args:
             adapter_dir: a directory written by :meth:`save_pretrained`.
             base_model: a loaded HF causal LM, a name or path for :func:`load_base_model`, or ``None`` for the base
                 recorded in the adapter.
+            allow_pickle: an adapter whose weights exist only as a pickle-based ``adapter_model.bin`` / ``.pt`` /
+                ``.pth`` is refused, since unpickling can run code; with ``True`` such a file is read as plain tensors
+                (``torch.load(weights_only=True)``, which runs none). Safetensors weights are always preferred.
 
         Raises:
-            FileNotFoundError: the directory holds no adapter.
+            MissingInputError: the directory holds no adapter (a ``FileNotFoundError``).
+            InvalidAdapterError: the adapter's files cannot be trusted (a ``ValueError``; the message names the file
+                and what is wrong).
             ValueError: the base model does not match the one the adapter was trained on (the error names what
                 differs).
         """
         directory = Path(adapter_dir)
-        config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: {directory} is not a LayerRoute adapter directory")
-        metadata = json.loads(config_path.read_text())
-        recorded = metadata["base_model"]
+        config_path = directory / ADAPTER_CONFIG
+        config, recorded = read_adapter_config(config_path, FINGERPRINT_ROWS)
+        weights, weights_path = read_adapter_weights(directory, ADAPTER_WEIGHTS, allow_pickle=allow_pickle)
         if base_model is None or isinstance(base_model, str):
             from .loading import load_base_model
 
             base_model, _ = load_base_model(base_model if base_model is not None else recorded["name_or_path"])
         _check_base_matches(base_model, recorded, directory)
-        model = cls(base_model, LayerRouteConfig.from_dict(metadata["config"]), recorded["name_or_path"])
-        weights = load_file(weights_path)
-        expected = set(model.trainable_state_dict())
-        unfitted = {name for name in expected - set(weights) if name.rsplit(".", 1)[-1] in FAMILIARITY_BUFFERS}
+        try:
+            _check_lora_targets(find_decoder_blocks(base_model)[0], config.lora_target_modules)
+        except ValueError as error:
+            raise InvalidAdapterError(f"{config_path}: {error}") from None
+        model = cls(base_model, config, recorded["name_or_path"])
+        expected = model.trainable_state_dict()
+        unfitted = {name for name in set(expected) - set(weights) if name.rsplit(".", 1)[-1] in FAMILIARITY_BUFFERS}
+        check_adapter_weights(weights, {name: t for name, t in expected.items() if name not in unfitted}, weights_path,
+                              config_path)
         if unfitted:
             warnings.warn(f"{weights_path} was saved before routers kept familiarity statistics: every step counts as "
                           "familiar (no do-no-harm check); fit them with layerroute.familiarity.fit_familiarity",
                           stacklevel=2)
-            expected -= unfitted
-        if set(weights) != expected:
-            missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-            raise ValueError(
-                f"adapter weights in {weights_path} do not fit this model: "
-                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            )
         model.load_state_dict(weights, strict=False)
         return model
-
 
 def weights_fingerprint(model: nn.Module) -> list[float]:
     """A dtype-tolerant summary of the input embeddings: mean absolute value of a few fixed rows."""

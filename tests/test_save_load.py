@@ -10,6 +10,7 @@ from conftest import tiny_llama, tiny_qwen2
 from test_routed_model import randomize_routers
 
 from layerroute import LayerRouteConfig, LayerRouteModel
+from layerroute.errors import InvalidAdapterError
 
 
 def trained_like_adapter(tmp_path):
@@ -62,7 +63,8 @@ def test_adapter_from_another_config_is_refused(tmp_path):
     config = json.loads((tmp_path / "layerroute_config.json").read_text())
     config["config"]["lora_rank"] = 8  # weights were saved at rank 4
     (tmp_path / "layerroute_config.json").write_text(json.dumps(config))
-    with pytest.raises(Exception, match="size mismatch|do not fit"):
+    with pytest.raises(InvalidAdapterError, match=r"disagree with layerroute_config.json .*lora_A\S* is \(4, 64\) in "
+                       r"the file, \(8, 64\) in the model"):
         LayerRouteModel.from_pretrained(tmp_path, base_model=tiny_qwen2())
 
 
