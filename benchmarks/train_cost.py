@@ -1,15 +1,18 @@
 """What does routing cost in training? LayerRoute against plain peft LoRA, same model, data and batch.
 
-Times one step of each trainer, interleaved in one process over the same batches (median of --repeats):
+Times one step of each trainer, interleaved in one process over the same batches (median of --repeats). The
+LayerRoute trainers run the recipe's own step functions (``layerroute.recipe``):
 
 - plain LoRA: a peft LoRA model (rank 8 on q/k/v/o) with the usual HF loss (labels on the target tokens);
-- LayerRoute, gates only: routers and straight-through gates, no skip-cost probes (what routing itself costs);
-- LayerRoute, joint step: the step of the joint recipe (``training/finetune.py --router-warmup 0``): gates,
+- LayerRoute, gates only: ``lora_step`` with routers that learn through the straight-through gates, no skip-cost
+  probes (what routing itself costs);
+- LayerRoute, joint step: ``joint_step``, the joint recipe (``training/finetune.py --router-warmup 0``): gates,
   --skip-cost-blocks probes measured as the loss increase, router fitting;
-- LayerRoute, warm-up step: the default recipe's first phase: a forward without gradients on the frozen base,
-  --warmup-skip-cost-blocks probes measured as KL, router fitting, the anchor's reference;
-- LayerRoute, LoRA under frozen routers: the default recipe's second phase, with the routers of --adapter (default:
-  the shipped adapter), so blocks are skipped for real as a trained router skips them; LoRA step and anchor.
+- LayerRoute, warm-up step: ``warmup_step``, the default recipe's first phase: a forward without gradients on the
+  frozen base, --warmup-skip-cost-blocks probes measured as KL, router fitting, the anchor's reference;
+- LayerRoute, LoRA under frozen routers: ``lora_step`` with an anchor, the default recipe's second phase, with the
+  routers of --adapter (default: the shipped adapter), so blocks are skipped for real as a trained router skips
+  them.
 
 Peak memory is measured apart, each trainer alone in a fresh process (peak resident set size), since a process's
 peak cannot be split between trainers that share it. Target: LayerRoute at most 10% slower than plain LoRA.
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noqa: E402
 from layerroute.loading import default_adapter_dir  # noqa: E402
+from layerroute.recipe import joint_step, lora_step, warmup_step  # noqa: E402
 from layerroute.traces import read_traces  # noqa: E402
 from layerroute.training import (  # noqa: E402
     PROBE_PRECISIONS,
@@ -54,17 +59,16 @@ TRAINERS = ("plain LoRA", "LayerRoute, gates only", "LayerRoute, joint step", "L
 def make_trainers(base, args, reference_batch: dict, names=TRAINERS) -> dict:
     """name -> function(batch, step) running one training step, for the trainers in ``names``."""
     config = LayerRouteConfig()
-    trainers = {}
-    if "plain LoRA" in names:
-        trainers["plain LoRA"] = plain_lora_step(base, config)
-    for name, probes in (("LayerRoute, gates only", 0), ("LayerRoute, joint step", args.skip_cost_blocks)):
-        if name in names:
-            trainers[name] = layerroute_step(base, config, probes, args.router_fit_steps, args.probe_dtype)
-    if "LayerRoute, warm-up step" in names:
-        trainers["LayerRoute, warm-up step"] = warmup_step(base, config, args)
-    if "LayerRoute, LoRA under frozen routers" in names:
-        trainers["LayerRoute, LoRA under frozen routers"] = frozen_routers_step(base, args.adapter, reference_batch)
-    return trainers
+    accelerator = Accelerator(cpu=True)
+    makers = {
+        "plain LoRA": lambda: plain_lora_step(base, config),
+        "LayerRoute, gates only": lambda: gates_only_step(base, config, accelerator),
+        "LayerRoute, joint step": lambda: joint_recipe_step(base, config, args, accelerator),
+        "LayerRoute, warm-up step": lambda: warmup_recipe_step(base, config, args, accelerator),
+        "LayerRoute, LoRA under frozen routers": lambda: frozen_routers_step(base, args.adapter, reference_batch,
+                                                                             accelerator),
+    }
+    return {name: makers[name]() for name in names}
 
 
 def plain_lora_step(base, config):
@@ -81,31 +85,33 @@ def plain_lora_step(base, config):
     return plain_step
 
 
-def layerroute_step(base, config, probes: int, router_fit_steps: int, dtype: torch.dtype | None):
+def gates_only_step(base, config, accelerator):
+    """LoRA steps with routers that learn through the straight-through gates: what routing itself costs."""
     model = LayerRouteModel.from_base(copy.deepcopy(base), config).train()
-    budget = SkipBudget(config, model.num_layers, probe_dtype=dtype)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(batch, index):
+        lora_step(accelerator, model, batch, optimizer)
+
+    return step
+
+
+def joint_recipe_step(base, config, args, accelerator):
+    model = LayerRouteModel.from_base(copy.deepcopy(base), config).train()
+    budget = SkipBudget(config, model.num_layers, probe_dtype=args.probe_dtype)
     budget.multiplier = 1.0
     lora = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
     routers = [p for n, p in model.named_parameters() if ".router." in n]
-    optimizers = [torch.optim.AdamW(lora, lr=1e-4), torch.optim.AdamW(routers, lr=1e-2)]
+    lora_optimizer, router_optimizer = torch.optim.AdamW(lora, lr=1e-4), torch.optim.AdamW(routers, lr=1e-2)
 
-    def routed_step(batch, step):
-        out = model(**batch, record_probes=bool(probes))
-        loss = out.loss
-        if probes:
-            budget.measure(model, batch, out, probed_blocks(model.num_layers, probes, 0, step))
-            loss = loss + budget.router_loss(model)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-        if probes:
-            budget.fit_routers(model, optimizers[1], router_fit_steps - 1)
+    def step(batch, index):
+        joint_step(accelerator, model, batch, budget, lora_optimizer, router_optimizer,
+                   probed_blocks(model.num_layers, args.skip_cost_blocks, 0, index), args.router_fit_steps)
 
-    return routed_step
+    return step
 
 
-def warmup_step(base, config, args):
+def warmup_recipe_step(base, config, args, accelerator):
     model = LayerRouteModel.from_base(copy.deepcopy(base), config).train()
     budget = SkipBudget(config, model.num_layers, probe_dtype=args.probe_dtype, skip_cost="kl")
     budget.multiplier = 1.0
@@ -113,16 +119,13 @@ def warmup_step(base, config, args):
     anchor = RouterAnchor(model.num_layers, model.shape.block.hidden_size)
 
     def step(batch, index):
-        with torch.no_grad():
-            out = model(**batch, record_probes=True)
-            budget.measure(model, batch, out, probed_blocks(model.num_layers, args.warmup_skip_cost_blocks, 0, index))
-        anchor.observe(out.router_features)
-        budget.fit_routers(model, optimizer, args.router_fit_steps)
+        warmup_step(accelerator, model, batch, budget, anchor, optimizer,
+                    probed_blocks(model.num_layers, args.warmup_skip_cost_blocks, 0, index), args.router_fit_steps)
 
     return step
 
 
-def frozen_routers_step(base, adapter, reference_batch: dict):
+def frozen_routers_step(base, adapter, reference_batch: dict, accelerator):
     model = LayerRouteModel.from_pretrained(adapter, base_model=copy.deepcopy(base)).train()
     for router in model.routers:
         router.requires_grad_(False)
@@ -132,13 +135,7 @@ def frozen_routers_step(base, adapter, reference_batch: dict):
         anchor.observe(model(**reference_batch, record_router_features=True).router_features)
 
     def step(batch, index):
-        out = model(**batch, record_router_features=True)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        anchor.follow(model, out.router_features)
-        tokens = batch["attention_mask"].sum(dim=1)
-        step.flops_skipped.append(SkipBudget.skipped_share(out.keep, tokens))
+        step.flops_skipped.append(lora_step(accelerator, model, batch, optimizer, anchor).flops_skipped)
 
     step.flops_skipped = []
     return step

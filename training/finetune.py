@@ -43,6 +43,7 @@ from layerroute.errors import ENVIRONMENT_ERRNOS, MissingInputError, UserError, 
 from layerroute.evaluation import routing_report, write_training_report  # noqa: E402
 from layerroute.familiarity import fit_familiarity  # noqa: E402
 from layerroute.model import ADAPTER_CONFIG, SKIP_COST_MEASURES  # noqa: E402
+from layerroute.recipe import joint_step, lora_step, refit_routers, warmup_step  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
 from layerroute.training import (  # noqa: E402
     PROBE_PRECISIONS,
@@ -55,7 +56,6 @@ from layerroute.training import (  # noqa: E402
     fix_routes,
     probe_dtype,
     probed_blocks,
-    read_router_features,
 )
 
 CORPUS = ROOT / "training" / "data" / "corpus"
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     unwrapped = accelerator.unwrap_model(model)
     model.train()
 
-    # ---------------------------------------------------------------- loop
+    # ---------------------------------------------------------------- training
     output.mkdir(parents=True, exist_ok=True)
     metrics_path = output / "metrics.jsonl"
     if accelerator.is_main_process:
@@ -309,85 +309,80 @@ def main(argv=None) -> int:
     lengths = [len(e.context_ids) + len(e.target_ids) for e in train.examples]
     order = batches(len(train.examples), args.batch_size * accelerator.num_processes, args.seed, start, lengths)
     total_steps = args.router_warmup + args.steps
-    progress = tqdm(range(start, total_steps), initial=start, total=total_steps,
-                    disable=not accelerator.is_main_process)
-    for step in progress:
+
+    def progress(phase: str, first: int, end: int, phase_start: int):
+        """The steps ``first`` .. ``end - 1`` of the run, shown as the steps of a phase that starts at ``phase_start``."""
+        return tqdm(range(first, end), desc=phase, initial=first - phase_start, total=end - phase_start,
+                    disable=first >= end or not accelerator.is_main_process)
+
+    def next_batch():
         indices = next(order)[shard :: accelerator.num_processes]
         batch = {k: v.to(accelerator.device) for k, v in collate([train.examples[i] for i in indices],
                                                                  tokenizer.pad_token_id).items()}
-        began = time.perf_counter()
-        warming_up = step < args.router_warmup
-        if learn_routes and args.router_warmup and not warming_up:
-            learn_routes = False  # from here on the routers keep their weights; the anchor moves their biases
-            for router in unwrapped.routers:
-                router.requires_grad_(False)
-        with accelerator.autocast(), torch.set_grad_enabled(not warming_up):
-            out = model(**batch, forced_skip=() if args.no_routing else None,
-                        record_probes=learn_routes, record_router_features=bool(args.router_warmup))
-            router_loss = torch.zeros((), device=out.loss.device)
-            if learn_routes:
-                probed = probed_blocks(unwrapped.num_layers, args.skip_cost_blocks, args.seed, step,
-                                       budget.probe_weights() if args.probe_selection == "uncertain" else None)
-                budget.measure(unwrapped, batch, out, probed, gather=accelerator.gather,
-                               example_ids=torch.tensor(indices, device=accelerator.device))
-                router_loss = budget.router_loss(unwrapped)
-            loss = out.loss + router_loss
-        if warming_up:
-            anchor.observe(accelerator.gather(out.router_features.contiguous()))
-        else:
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(lora, 1.0)
-            for optimizer in optimizers:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            schedulers[0].step()
-        if learn_routes:
-            # a joint step already took one pass with the LoRA step
-            budget.fit_routers(unwrapped, optimizers[1], args.router_fit_steps - (0 if warming_up else 1))
-            for scheduler in schedulers[1:]:
-                scheduler.step()
-        elif args.router_warmup:
-            anchor.follow(unwrapped, accelerator.gather(out.router_features.contiguous()))
-        skip_rate = 1.0 - accelerator.gather(out.keep.float().mean().reshape(1)).mean().item()
-        tokens = batch["attention_mask"].sum(dim=1)
-        flops_skip = accelerator.gather(torch.tensor([budget.skipped_share(out.keep, tokens)], device=loss.device))
-        if learn_routes:
-            budget.update(flops_skip.mean().item())
-        record = {"step": step + 1, "loss": loss.item(), "lm_loss": out.loss.item(),
-                  "router_loss": router_loss.item(), "skip_rate": skip_rate,
-                  "flops_skip_share": flops_skip.mean().item(), "multiplier": budget.multiplier,
+        return indices, batch, torch.tensor(indices, device=accelerator.device)
+
+    def blocks_to_probe(step: int) -> list[int]:
+        weights = budget.probe_weights() if args.probe_selection == "uncertain" else None
+        return probed_blocks(unwrapped.num_layers, args.skip_cost_blocks, args.seed, step, weights)
+
+    def log_and_checkpoint(step: int, indices: list[int], outcome, began: float, bar) -> bool:
+        """Write the step's metrics, checkpoint when due or interrupted; true when the run must stop."""
+        record = {"step": step + 1, "loss": outcome.loss.item(), "lm_loss": outcome.output.loss.item(),
+                  "router_loss": outcome.router_loss.item(), "skip_rate": outcome.blocks_skipped,
+                  "flops_skip_share": outcome.flops_skipped, "multiplier": budget.multiplier,
                   "lr": schedulers[0].get_last_lr()[0], "seconds": time.perf_counter() - began,
                   # read after the step, for the report only (this process's rows)
-                  "skip_rate_by_type": skip_rate_by_type(out.keep, [train.examples[i].step_type for i in indices])}
+                  "skip_rate_by_type": skip_rate_by_type(outcome.output.keep,
+                                                         [train.examples[i].step_type for i in indices])}
         if accelerator.is_main_process:
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-        progress.set_postfix(loss=f"{record['lm_loss']:.3f}", skip=f"{skip_rate:.1%}")
+        bar.set_postfix(loss=f"{record['lm_loss']:.3f}", skip=f"{outcome.blocks_skipped:.1%}")
         done = step + 1
         if accelerator.is_main_process and (done % args.checkpoint_every == 0 or done == total_steps or interrupted):
             save_checkpoint(checkpoint, unwrapped, optimizers, schedulers, budget, anchor, done, args)
         if interrupted:
             accelerator.print(f"\ninterrupted at step {done}; resume with: python training/finetune.py "
                               f"--output {output} --resume")
+        return interrupted
+
+    # the routers learn alone on the frozen base
+    bar = progress("router warm-up", start, args.router_warmup, 0)
+    for step in bar:
+        indices, batch, example_ids = next_batch()
+        began = time.perf_counter()
+        outcome = warmup_step(accelerator, model, batch, budget, anchor, optimizers[1], blocks_to_probe(step),
+                              args.router_fit_steps, example_ids)
+        if log_and_checkpoint(step, indices, outcome, began, bar):
+            return 130
+
+    # LoRA learns under the routers' decisions: after a warm-up the routers keep their weights, the anchor moves their
+    # biases; the joint recipe trains both together
+    if args.router_warmup:
+        for router in unwrapped.routers:
+            router.requires_grad_(False)
+    bar = progress("LoRA", max(start, args.router_warmup), total_steps, args.router_warmup)
+    for step in bar:
+        indices, batch, example_ids = next_batch()
+        began = time.perf_counter()
+        if learn_routes and not args.router_warmup:
+            outcome = joint_step(accelerator, model, batch, budget, optimizers[0], optimizers[1],
+                                 blocks_to_probe(step), args.router_fit_steps, example_ids)
+        else:
+            outcome = lora_step(accelerator, model, batch, optimizers[0], anchor if args.router_warmup else None,
+                                forced_skip=() if args.no_routing else None)
+        for scheduler in schedulers:
+            scheduler.step()
+        if log_and_checkpoint(step, indices, outcome, began, bar):
             return 130
 
     # ---------------------------------------------------------------- router refit
-    # The anchor undoes the shift LoRA causes in common to every step, not the rest of it; so the routers are fitted
-    # once more to the costs the warm-up measured, now reading those steps through the trained LoRA. Every process
-    # reads the same steps, so the routers stay identical across processes.
+    # the anchor undoes the shift LoRA causes in common to every step, not the rest of it: fit the routers once more
+    # to the costs the warm-up measured, reading those steps through the trained LoRA
     if args.router_warmup and args.steps and args.router_refit_rounds:
-        remembered = budget.remembered_examples()
-        features = read_router_features(unwrapped, [train.examples[i] for i in remembered], tokenizer.pad_token_id,
-                                        args.batch_size, dtype=budget.probe_dtype)
-        budget.reread(remembered, features)
-        tokens = torch.tensor([lengths[i] for i in remembered])
-        for router in unwrapped.routers:
-            router.requires_grad_(True)
-        share = budget.refit_routers(unwrapped, optimizers[1], features, tokens, args.router_refit_rounds,
-                                     args.router_fit_steps)
-        for router in unwrapped.routers:
-            router.requires_grad_(False)
-        accelerator.print(f"routers refitted on {len(remembered)} remembered steps read through the trained LoRA: "
+        count, share = refit_routers(unwrapped, budget, optimizers[1], train.examples, tokenizer.pad_token_id,
+                                     args.batch_size, args.router_refit_rounds, args.router_fit_steps)
+        accelerator.print(f"routers refitted on {count} remembered steps read through the trained LoRA: "
                           f"price {budget.multiplier:.3f}, {share:.1%} of their block FLOPs skipped")
 
     # ---------------------------------------------------------------- do-no-harm routing

@@ -1,0 +1,150 @@
+"""The training recipe's steps, as functions: ``training/finetune.py`` runs them in order, and the training-cost
+benchmark and the tests call the same ones.
+
+The default recipe has three phases (``docs/method.md``):
+
+1. :func:`warmup_step`: the routers learn alone on the frozen base, from measured skip costs;
+2. :func:`lora_step`: LoRA trains under the routers' decisions, their weights frozen and their biases held by the
+   :class:`~layerroute.training.RouterAnchor`;
+3. :func:`refit_routers`: the routers are fitted once more to the warm-up's measured costs, read through the trained
+   LoRA.
+
+:func:`joint_step` is the joint recipe (routers and LoRA learn together from the first step). The LoRA-only and
+static-pruning baselines take :func:`lora_step` without an anchor.
+
+Every step runs under an ``accelerate.Accelerator``: the forward goes through ``model`` as the accelerator prepared
+it (e.g. DDP-wrapped), the backward and gradient clipping through the accelerator, and measurements are gathered from
+every process, so that all processes fit the same routers. Step types never reach a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .model import LayerRouteOutput
+from .steps import TokenizedStep
+from .training import RouterAnchor, SkipBudget, read_router_features
+
+MAX_GRAD_NORM = 1.0  # LoRA's gradients are clipped to this norm every step
+
+
+@dataclass
+class StepOutcome:
+    """What a training step did, for the caller's metrics.
+
+    Attributes:
+        output: the step's forward.
+        loss: what the step minimised (``output.loss`` plus ``router_loss``); without a gradient in a warm-up step.
+        router_loss: the routers' fit to the remembered skip costs at the step's start (zero where routers do not
+            learn).
+        blocks_skipped: share of (row, block) decisions that skipped, over every process's rows.
+        flops_skipped: FLOP-weighted share of block compute skipped (:meth:`SkipBudget.skipped_share`), the mean over
+            processes; what moves the price.
+    """
+
+    output: LayerRouteOutput
+    loss: torch.Tensor
+    router_loss: torch.Tensor
+    blocks_skipped: float
+    flops_skipped: float
+
+
+def warmup_step(accelerator, model, batch: dict[str, torch.Tensor], budget: SkipBudget, anchor: RouterAnchor,
+                router_optimizer: torch.optim.Optimizer, probed: list[int], fit_steps: int,
+                example_ids: torch.Tensor | None = None) -> StepOutcome:
+    """The routers learn alone on the frozen base: one forward without gradients, the skip costs of the ``probed``
+    blocks measured and remembered (:meth:`SkipBudget.measure`, rows named by ``example_ids`` ``(batch,)`` so that
+    :func:`refit_routers` can read them again), the anchor's reference fed with what the routers read, the routers
+    fitted in ``fit_steps`` passes of ``router_optimizer`` over the memory, and the price moved by the budget's gap.
+    LoRA is untouched."""
+    unwrapped = accelerator.unwrap_model(model)
+    with accelerator.autocast(), torch.no_grad():
+        out = model(**batch, record_probes=True, record_router_features=True)
+        budget.measure(unwrapped, batch, out, probed, gather=accelerator.gather, example_ids=example_ids)
+        router_loss = budget.router_loss(unwrapped)
+        loss = out.loss + router_loss
+    anchor.observe(accelerator.gather(out.router_features.contiguous()))
+    budget.fit_routers(unwrapped, router_optimizer, fit_steps)
+    outcome = _outcome(accelerator, out, batch, loss, router_loss)
+    budget.update(outcome.flops_skipped)
+    return outcome
+
+
+def lora_step(accelerator, model, batch: dict[str, torch.Tensor], lora_optimizer: torch.optim.Optimizer,
+              anchor: RouterAnchor | None = None, forced_skip: Iterable[int] | None = None) -> StepOutcome:
+    """LoRA learns under the routers' decisions, the routers' weights frozen (blocks they skip do not run): one step
+    of ``lora_optimizer`` on the task loss, gradients clipped to :data:`MAX_GRAD_NORM`. With ``anchor``, every
+    router's bias then follows the shift of what it reads (:meth:`RouterAnchor.follow`). ``forced_skip`` bypasses the
+    routers as in :meth:`LayerRouteModel.forward` (``()``: the LoRA-only baseline runs every block)."""
+    with accelerator.autocast():
+        out = model(**batch, forced_skip=forced_skip, record_router_features=anchor is not None)
+    accelerator.backward(out.loss)
+    accelerator.clip_grad_norm_(_parameters(lora_optimizer), MAX_GRAD_NORM)
+    lora_optimizer.step()
+    lora_optimizer.zero_grad(set_to_none=True)
+    if anchor is not None:
+        anchor.follow(accelerator.unwrap_model(model), accelerator.gather(out.router_features.contiguous()))
+    return _outcome(accelerator, out, batch, out.loss, torch.zeros((), device=out.loss.device))
+
+
+def joint_step(accelerator, model, batch: dict[str, torch.Tensor], budget: SkipBudget,
+               lora_optimizer: torch.optim.Optimizer, router_optimizer: torch.optim.Optimizer, probed: list[int],
+               fit_steps: int, example_ids: torch.Tensor | None = None) -> StepOutcome:
+    """Routers and LoRA learn together: the skip costs of the ``probed`` blocks are measured and remembered, one
+    backward of the task loss plus the routers' fit to the memory (the routers also learn from the task loss through
+    the straight-through gates), a step of each optimizer (LoRA's gradients clipped), ``fit_steps - 1`` further router
+    passes over the memory, and the price moved by the budget's gap."""
+    unwrapped = accelerator.unwrap_model(model)
+    with accelerator.autocast():
+        out = model(**batch, record_probes=True)
+        budget.measure(unwrapped, batch, out, probed, gather=accelerator.gather, example_ids=example_ids)
+        router_loss = budget.router_loss(unwrapped)
+        loss = out.loss + router_loss
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(_parameters(lora_optimizer), MAX_GRAD_NORM)
+    for optimizer in (lora_optimizer, router_optimizer):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    budget.fit_routers(unwrapped, router_optimizer, fit_steps - 1)  # the step above was the first pass
+    outcome = _outcome(accelerator, out, batch, loss, router_loss)
+    budget.update(outcome.flops_skipped)
+    return outcome
+
+
+def refit_routers(model, budget: SkipBudget, router_optimizer: torch.optim.Optimizer, examples: list[TokenizedStep],
+                  pad_token_id: int, batch_size: int, rounds: int, fit_steps: int) -> tuple[int, float]:
+    """Fit the routers once more to the skip costs the budget remembers, reading those rows' steps (``examples``,
+    indexed by the rows' example ids) anew through LoRA as it is now (:meth:`SkipBudget.reread`), in ``rounds``
+    rounds of ``fit_steps`` passes, the price moving each round to hold the budget on those steps
+    (:meth:`SkipBudget.refit_routers`).
+
+    The anchor undoes the shift LoRA causes in common to every step, not the rest of it; this fits the rest. Every
+    process reads the same steps, so the routers stay identical across processes. The routers' weights are frozen
+    again afterwards. Returns how many steps were read and the share of their block FLOPs the routers now skip.
+    """
+    remembered = budget.remembered_examples()
+    steps = [examples[index] for index in remembered]
+    features = read_router_features(model, steps, pad_token_id, batch_size, dtype=budget.probe_dtype)
+    budget.reread(remembered, features)
+    tokens = torch.tensor([len(step.context_ids) + len(step.target_ids) for step in steps])
+    for router in model.routers:
+        router.requires_grad_(True)
+    share = budget.refit_routers(model, router_optimizer, features, tokens, rounds, fit_steps)
+    for router in model.routers:
+        router.requires_grad_(False)
+    return len(remembered), share
+
+
+def _outcome(accelerator, out: LayerRouteOutput, batch: dict[str, torch.Tensor], loss: torch.Tensor,
+             router_loss: torch.Tensor) -> StepOutcome:
+    blocks_skipped = 1.0 - accelerator.gather(out.keep.float().mean().reshape(1)).mean().item()
+    tokens = batch["attention_mask"].sum(dim=1)
+    flops_skipped = accelerator.gather(torch.tensor([SkipBudget.skipped_share(out.keep, tokens)], device=loss.device))
+    return StepOutcome(out, loss, router_loss, blocks_skipped, flops_skipped.mean().item())
+
+
+def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [parameter for group in optimizer.param_groups for parameter in group["params"]]
