@@ -6,6 +6,7 @@ The fault strikes the N-th time the run reaches POINT:
 
 - ``step``: SIGKILL as a training step starts (its batch collated);
 - ``sigterm``: SIGTERM as a training step starts (the run saves and stops, as under a scheduler's preemption);
+- ``sigint``: SIGINT as a training step starts (Ctrl-C: the run finishes the step, saves and stops);
 - ``writing``: SIGKILL inside a checkpoint save, the staging directory holding the adapter but no training state;
 - ``staged``: SIGKILL with the new checkpoint staged in full, before the old one is moved aside;
 - ``swapping``: SIGKILL between the two renames: the old checkpoint moved aside, the new one not yet in place;
@@ -41,12 +42,13 @@ def main() -> int:
     def kill() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    if point in ("step", "sigterm"):
+    if point in ("step", "sigterm", "sigint"):
         collate = finetune.collate
+        sent = {"step": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}[point]
 
         def collate_then_fault(*args, **kwargs):
             if strike():
-                os.kill(os.getpid(), signal.SIGKILL if point == "step" else signal.SIGTERM)
+                os.kill(os.getpid(), sent)
             return collate(*args, **kwargs)
 
         finetune.collate = collate_then_fault

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -334,10 +332,9 @@ def test_length_grouped_batches_pad_less_and_still_cover_the_epoch():
     assert resumed == grouped[10:]
 
 
-def run_finetune(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+def run_finetune(args: list[str], script: Path = ROOT / "training" / "finetune.py") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "training" / "finetune.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=600, **kwargs)
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
 
 
 def common_args(model_dir: str, output: Path, steps: int) -> list[str]:
@@ -360,31 +357,30 @@ def test_finetune_writes_adapter_metrics_and_report(tiny_chat_dir, tmp_path):
     assert again.returncode != 0 and "already holds a run" in again.stderr
 
 
-@pytest.mark.parametrize("recipe", [["--router-warmup", "0"], ["--router-warmup", "2"]], ids=["joint", "router-warmup"])
-def test_interrupted_run_resumes_to_the_same_adapter(tiny_chat_dir, tmp_path, recipe):
+@pytest.mark.parametrize(("recipe", "interrupted_at"), [(["--router-warmup", "0"], 3), (["--router-warmup", "2"], 1)],
+                         ids=["joint", "router-warmup"])
+def test_interrupted_run_resumes_to_the_same_adapter(tiny_chat_dir, tmp_path, recipe, interrupted_at):
     straight = run_finetune([*common_args(tiny_chat_dir, tmp_path / "straight", 6), *recipe])
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     interrupted_dir = tmp_path / "interrupted"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, str(ROOT / "training" / "finetune.py"),
-                                *common_args(tiny_chat_dir, interrupted_dir, 6), *recipe], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (interrupted_dir / "checkpoint").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)  # Ctrl-C
-    _, stderr = process.communicate(timeout=300)
-    if process.returncode == 0:
-        pytest.skip("the run finished before the interrupt arrived")
-    assert process.returncode == 130, stderr[-2000:]
-    assert "--resume" in stderr or "--resume" in _
-    assert (interrupted_dir / "checkpoint" / "training_state.pt").exists()
+    arguments = [*common_args(tiny_chat_dir, interrupted_dir, 6), *recipe]
+    # Ctrl-C as step `interrupted_at` starts (tests/finetune_faults.py): the run finishes that step, saves, stops
+    interrupted = run_finetune(["sigint", str(interrupted_at), *arguments], script=ROOT / "tests" / "finetune_faults.py")
+    assert interrupted.returncode == 130, interrupted.stderr[-2000:]
+    assert f"interrupted at step {interrupted_at}" in interrupted.stdout
+    assert "--resume" in interrupted.stdout
+    state = torch.load(interrupted_dir / "checkpoint" / "training_state.pt", weights_only=True)
+    assert state["step"] == interrupted_at
 
-    changed = run_finetune([*common_args(tiny_chat_dir, interrupted_dir, 6), *recipe, "--resume", "--lr", "0.5"])
-    assert changed.returncode != 0 and "holds a different run" in changed.stderr
-    resumed = run_finetune([*common_args(tiny_chat_dir, interrupted_dir, 6), *recipe, "--resume"])
+    changed = run_finetune([*arguments, "--resume", "--lr", "0.5"])
+    assert changed.returncode != 0 and "holds a different run (--lr was 0.001, now 0.5)" in changed.stderr
+    changed = run_finetune([*arguments, "--resume", "--max-target-length", "100"])
+    assert changed.returncode != 0 and "(--max-target-length was 160, now 100)" in changed.stderr
+    resumed = run_finetune([*arguments, "--resume", "--report-steps", "2"])  # where it reports may change
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    metrics = [json.loads(line)["step"] for line in (interrupted_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == list(range(1, int(recipe[1]) + 6 + 1))  # warm-up and LoRA steps, each logged once
     expected = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     actual = load_file(interrupted_dir / "adapter_model.safetensors")
     assert expected.keys() == actual.keys()

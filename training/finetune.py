@@ -67,10 +67,8 @@ PRESETS = {
     "seed": dict(model="Qwen/Qwen2.5-0.5B-Instruct", router_warmup=300, steps=3000, batch_size=8, lr=2e-4,
                  router_lr=1e-2, max_length=1536, skip_cost="kl", skip_cost_blocks=4, probe_selection="uniform"),
 }
-RUN_ARGUMENTS = ("model", "data", "batch_size", "lr", "router_lr", "max_length", "seed", "no_routing", "static_prune",
-                 "target_skip_rate", "regularizer_weight", "router_pooling", "router_init_bias",
-                 "skip_cost_blocks", "skip_cost", "router_fit_steps", "probe_precision", "router_warmup",
-                 "router_refit_rounds", "probe_selection", "familiarity_quantile", "familiarity_steps")
+# settings a resumed run may change: where it writes and reports, not what it trains
+RESUMABLE_SETTINGS = ("output", "resume", "checkpoint_every", "report_steps", "validation_data", "on_bad_record")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -195,7 +193,15 @@ def warmup_cosine(optimizer, steps: int):
 
 
 def run_identity(args) -> dict:
-    return {key: (str(v) if isinstance(v := getattr(args, key), Path) else v) for key in RUN_ARGUMENTS}
+    """Every setting of the run but :data:`RESUMABLE_SETTINGS`, as JSON values: what ``--resume`` must find unchanged."""
+    return {key: str(value) if isinstance(value, Path) else value
+            for key, value in sorted(vars(args).items()) if key not in RESUMABLE_SETTINGS}
+
+
+def changed_settings(recorded: dict, now: dict) -> list[str]:
+    """``--flag was X, now Y`` for every setting that differs between two run identities."""
+    return [f"--{key.replace('_', '-')} was {recorded.get(key, 'not recorded')!r}, now {now.get(key, 'unset')!r}"
+            for key in sorted(set(recorded) | set(now)) if recorded.get(key, "not recorded") != now.get(key, "unset")]
 
 
 def skip_rate_by_type(keep: torch.Tensor, step_types: list[str]) -> dict[str, float]:
@@ -225,9 +231,10 @@ def main(argv=None) -> int:
             raise MissingInputError(f"--resume: {checkpoint} does not exist")
         with user_input(f"--resume: {checkpoint}"):
             recorded = json.loads((checkpoint / "run.json").read_text())
-        if recorded != run_identity(args):
-            changed = {k: (recorded.get(k), v) for k, v in run_identity(args).items() if recorded.get(k) != v}
-            raise UserError(f"--resume: {output} holds a different run; changed settings (saved, now): {changed}")
+        changed = changed_settings(recorded, run_identity(args))
+        if changed:
+            raise UserError(f"--resume: {output} holds a different run ({'; '.join(changed)}); resume it with the "
+                            "settings it was started with, or choose another --output")
 
     # ---------------------------------------------------------------- data
     # read before the model loads, so that a wrong path or a bad record costs no model load
