@@ -11,7 +11,7 @@ the same agent steps from the test split (their contexts and tool schemas, greed
 
 For each concurrency, --requests requests are sent by that many concurrent clients, configurations interleaved so
 machine drift hits them alike. tokens/s is generated tokens over wall time. FLOPs saved, per step type (as the server
-labels the step), is ``1 - (executed + recomputed FLOPs) / full-depth FLOPs``, read from each server's Prometheus
+labels the step), is ``1 - executed FLOPs / full-depth FLOPs``, read from each server's Prometheus
 counters: what the server really ran, not what each step's routers skipped. Last, the server's overhead at
 concurrency 1 against in-process ``ChatLayerRoute`` calls on the same steps.
 
@@ -74,7 +74,7 @@ def flop_counters(url: str) -> dict[tuple[str, str], float]:
     """``(counter, step_type) -> value`` of the server's FLOP counters."""
     values = {}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        if family.name in ("layerroute_flops_executed", "layerroute_flops_skipped", "layerroute_recomputed_flops"):
+        if family.name in ("layerroute_flops_executed", "layerroute_flops_skipped"):
             for sample in family.samples:
                 if sample.name.endswith("_total"):
                     values[family.name, sample.labels["step_type"]] = sample.value
@@ -102,9 +102,8 @@ def saved_by_type(before: dict, after: dict) -> dict[str, float]:
     for kind in sorted({kind for _, kind in delta}):
         executed = delta.get(("layerroute_flops_executed", kind), 0.0)
         skipped = delta.get(("layerroute_flops_skipped", kind), 0.0)
-        routing = delta.get(("layerroute_recomputed_flops", kind), 0.0)
         if executed + skipped:
-            saved[kind] = (skipped - routing) / (executed + skipped)
+            saved[kind] = skipped / (executed + skipped)
     return saved
 
 

@@ -3,8 +3,10 @@
 A batch of rows runs a block when any of its rows keeps it, so a mixed batch saves only the blocks every row skips.
 :class:`BatchScheduler` therefore routes and prefills every step of a batch alone first (its prompt, batch of one:
 :func:`~layerroute.chat.prefill_step`), and then decodes each group of steps that skip the same blocks as one batch,
-from their prefilled caches, with those blocks forced off: every row keeps its own savings, the prompt runs once, and
-decoding, where batching pays, still amortises the per-token overhead over the group's rows.
+from their prefilled caches, with those blocks forced off: every row keeps its own savings, the prompt runs once (the
+decode appends the last prompt position from the prefill rather than running it again, so a grouped row executes and
+counts what the step generated alone does), and decoding, where batching pays, still amortises the per-token overhead
+over the group's rows.
 
 The scheduler is framework-free (a worker thread and :class:`concurrent.futures.Future`); ``layerroute serve`` puts it
 behind HTTP.
@@ -20,7 +22,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .chat import ChatAnswer, ChatEngine, ChatStep, Prefill, TextDeltas, prefill_step
-from .flops import block_flops, causal_key_reads
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +37,12 @@ class Served:
         batch_rows: rows of the ``generate`` call that served it.
         flops_executed: FLOPs the server executed for the step once: its ``flops_total`` less the blocks that every
             row of its batch skipped (a block the step skipped but a batch-mate kept ran for both).
-        recomputed_flops: FLOPs spent twice: a prefilled step's last prompt token, forwarded in the prefill that
-            decided its route and again when decoding began (for its logits); 0 when the routers decided inside
-            generation.
     """
 
     answer: ChatAnswer
     queue_s: float
     batch_rows: int
     flops_executed: int
-    recomputed_flops: int
 
 
 @dataclass(eq=False)
@@ -182,18 +179,11 @@ class BatchScheduler:
                     job.future.set_exception(error)
             return
         common = frozenset.intersection(*(frozenset(a.route["skipped_layers"]) for a in answers))
-        model = self.engine.model
         for job, answer in zip(jobs, answers):
             route = answer.route
             skipped = len(route["skipped_layers"])
             per_block = route["flops_skipped"] // skipped if skipped else 0
-            recomputed = 0
-            if prefills is not None:
-                tokens = job.step.prompt_tokens
-                recomputed = (model.num_layers - skipped) * block_flops(
-                    model.shape.block, 1, causal_key_reads(tokens - 1, 1), model.lora_flops_per_token)
             served = Served(answer=answer, queue_s=began - job.submitted, batch_rows=len(jobs),
-                            flops_executed=route["flops_total"] - per_block * len(common),
-                            recomputed_flops=recomputed)
+                            flops_executed=route["flops_total"] - per_block * len(common))
             if not job.future.done():  # cancelled meanwhile: nobody waits for it
                 job.future.set_result(served)

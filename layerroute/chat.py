@@ -441,7 +441,8 @@ class ChatEngine:
             sequences = self.model.generate(input_ids, attention_mask, forced_skip=forced_skip, **kwargs)
         latency = time.perf_counter() - began
         routes = self.model.last_routes
-        new_tokens = sequences[:, input_ids.shape[1]:].tolist()
+        new_tokens = [tokens[:length] for tokens, length in
+                      zip(sequences[:, input_ids.shape[1]:].tolist(), self.model.last_lengths)]
         timed_out = deadline is not None and deadline.expired
         answers = [self._answer(step, tokens, route, latency, timed_out)
                    for step, tokens, route in zip(steps, new_tokens, routes)]
@@ -506,8 +507,9 @@ class Prefill:
 
     Attributes:
         skip: the blocks its routers skip (none with ``routing="off"``).
-        cache: ``(1, ..., prompt_tokens - 1, ...)`` KV entries of its prompt but the last token (generation feeds that
-            one again, for its logits), none in the skipped blocks.
+        cache: ``(1, ..., prompt_tokens - 1, ...)`` KV entries of its prompt but the last token, none in the skipped
+            blocks; the last token's entries and the blocks' outputs at it wait in ``cache.pending``: generation feeds
+            that token for its logits, and its first forward takes them from there instead of running it again.
     """
 
     skip: frozenset[int]
@@ -521,21 +523,27 @@ def prefill_step(engine: ChatEngine, step: ChatStep) -> Prefill:
 
     Routes are decided from the prompt alone, so a server can route every step of a batch first and then decode each
     group of steps that skip the same blocks as one batch with those blocks forced off
-    (``ChatEngine.generate(steps, prefills=...)``): every row keeps its own savings, and the prompt is not run twice.
+    (``ChatEngine.generate(steps, prefills=...)``): every row keeps its own savings, and no prompt position runs
+    twice: the decoding batch appends the last prompt position from here (:class:`~layerroute.router.Replay`), so a
+    prefilled step executes, and is counted, exactly as the same step generated alone.
     """
     model = engine.model
     input_ids = step.prompt_ids[None].to(model.device)
     attention_mask = torch.ones_like(input_ids)
     state = RoutingState(context_mask=attention_mask.bool(), skip_threshold=step.skip_threshold,
-                         forced_skip=frozenset() if step.routing == "off" else None)
+                         forced_skip=frozenset() if step.routing == "off" else None, last_outputs={})
     cache = RoutedCache(config=model.base_model.config)
     token = ROUTING_STATE.set(state)
     try:
         model.base_model.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
     finally:
         ROUTING_STATE.reset(token)
+    skip = frozenset(i for i in range(model.num_layers) if not bool(state.keep[i][0]))
+    cache.pending = {index: (cache.layers[index].keys[..., -1:, :].clone(),
+                             cache.layers[index].values[..., -1:, :].clone(), output)
+                     for index, output in state.last_outputs.items()}
     cache.crop(-1)
-    return Prefill(frozenset(i for i in range(model.num_layers) if not bool(state.keep[i][0])), cache)
+    return Prefill(skip, cache)
 
 
 def _stacked_cache(model: LayerRouteModel, caches: list[RoutedCache], length: int) -> RoutedCache:
@@ -549,6 +557,9 @@ def _stacked_cache(model: LayerRouteModel, caches: list[RoutedCache], length: in
         keys = torch.cat([F.pad(layer.keys, (0, 0, length - layer.keys.shape[-2], 0)) for layer in layers])
         values = torch.cat([F.pad(layer.values, (0, 0, length - layer.values.shape[-2], 0)) for layer in layers])
         stacked.update(keys, values, index)
+    if all(cache.pending is not None for cache in caches):
+        stacked.pending = {index: tuple(torch.cat([cache.pending[index][part] for cache in caches])
+                                        for part in range(3)) for index in caches[0].pending}
     return stacked
 
 

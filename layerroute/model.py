@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from transformers import DynamicCache
-from transformers.generation import GenerateDecoderOnlyOutput
+from transformers.generation import GenerateDecoderOnlyOutput, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from . import __version__
 from .adapter_files import check_adapter_weights, read_adapter_config, read_adapter_weights
@@ -27,7 +28,7 @@ from .architectures import ModelShape, find_decoder_blocks, model_shape
 from .config import LayerRouteConfig, check_skip_threshold
 from .errors import InvalidAdapterError
 from .flops import RouteStats, step_route_stats
-from .router import FAMILIARITY_BUFFERS, ROUTING_STATE, RoutedBlock, Router, RoutingState
+from .router import FAMILIARITY_BUFFERS, ROUTING_STATE, Replay, RoutedBlock, Router, RoutingState
 
 SKIP_COST_MEASURES = ("loss", "kl")  # the choices of LayerRouteModel.skip_costs(measure=...)
 
@@ -41,7 +42,16 @@ class RoutedCache(DynamicCache):
 
     Sequence length and mask sizes are read from a block that did run, so positions and masks stay right whichever
     blocks the routers skip (block 0 included).
+
+    ``pending`` (``None`` unless a prefill left it): block index -> ``(keys, values, output)`` of the prompt's last
+    position, already computed but not yet appended (``chat.prefill_step``). :meth:`LayerRouteModel.generate`
+    appends them in its first forward instead of running that position through the blocks again
+    (:class:`~layerroute.router.Replay`).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def _reference_layer(self, layer_idx: int) -> int:
         if layer_idx < len(self.layers) and self.layers[layer_idx].get_seq_length() > 0:
@@ -392,10 +402,16 @@ class LayerRouteModel(nn.Module):
 
         ``prefilled`` continues from a :class:`RoutedCache` that already holds every prompt token but the last, filled
         under the decisions ``forced_skip`` gives (a server that routes and prefills steps one by one, then decodes
-        the steps that skip the same blocks as one batch); it is filled further in place.
+        the steps that skip the same blocks as one batch); it is filled further in place. When it carries the last
+        position as ``pending`` (``chat.prefill_step`` leaves it so), the first forward appends those entries and
+        takes the blocks' outputs from there instead of running the last prompt token again: the call executes, and
+        its route counts, exactly what a plain ``generate`` of the prompt under the same decisions does (prefill and
+        all), and generation (logits processors, streamers, stopping criteria) goes on as it would there.
 
         After the call, :attr:`last_route` (batch of one) and :attr:`last_routes` (one per row) hold this thread's
-        :class:`RouteStats`.
+        :class:`RouteStats`, and :attr:`last_lengths` the tokens each row generated. A row of a batch ends at its
+        first end token, stop string or stopping criterion (HF pads it while the others go on); its route counts the
+        tokens up to there, as the same row generated alone.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -403,15 +419,29 @@ class LayerRouteModel(nn.Module):
             raise ValueError("LayerRouteModel.generate manages its own KV cache; pass a prefilled one as `prefilled`")
         if prefilled is not None and forced_skip is None:
             raise ValueError("a prefilled cache holds the blocks its decisions kept: pass those as forced_skip")
+        if prefilled is not None and generate_kwargs.get("use_cache") is False:
+            raise ValueError("a prefilled cache needs use_cache")
         state = RoutingState(
             context_mask=attention_mask.bool(),
             forced_skip=None if forced_skip is None else frozenset(forced_skip),
             skip_threshold=check_skip_threshold(skip_threshold),
         )
+        if prefilled is not None and prefilled.pending is not None:
+            kept = {i for i in range(self.num_layers) if i not in state.forced_skip}
+            if set(prefilled.pending) != kept:
+                raise ValueError(f"the prefilled cache ran blocks {sorted(prefilled.pending)}, but forced_skip keeps "
+                                 f"{sorted(kept)}")
+            pending, prefilled.pending = prefilled.pending, None
+            if generate_kwargs.get("max_new_tokens") == 0:  # nothing to replay into: the cache takes the position
+                for index, (keys, values, _) in pending.items():
+                    prefilled.update(keys, values, index)
+            else:
+                state.replay = Replay(prefilled, dict(pending))
         if generate_kwargs.get("max_new_tokens") == 0:
             return self._generate_nothing(input_ids, state, prefilled, generate_kwargs)
         was_training = self.training
         self.eval()
+        ends = _RowEnds.wrap(generate_kwargs, input_ids.shape[1], input_ids.shape[0])
         token = ROUTING_STATE.set(state)
         try:
             if prefilled is not None:
@@ -423,7 +453,8 @@ class LayerRouteModel(nn.Module):
             ROUTING_STATE.reset(token)
             self.train(was_training)
         sequences = output.sequences if hasattr(output, "sequences") else output
-        self._local.routes = self._route_stats(state, attention_mask, sequences[:, input_ids.shape[1] :])
+        self._local.lengths = self._lengths(sequences[:, input_ids.shape[1] :], ends)
+        self._local.routes = self._route_stats(state, attention_mask, self._local.lengths)
         return output
 
     def _generate_nothing(self, input_ids: torch.Tensor, state: RoutingState, prefilled: RoutedCache | None,
@@ -438,6 +469,7 @@ class LayerRouteModel(nn.Module):
         skipped = sorted(state.forced_skip or ())
         self._local.routes = [RouteStats(skipped_layers=skipped, num_layers=self.num_layers, flops_total=0,
                                          flops_skipped=0) for _ in range(input_ids.shape[0])]
+        self._local.lengths = [0] * input_ids.shape[0]
         config = generate_kwargs.get("generation_config") or self.base_model.generation_config
         if not generate_kwargs.get("return_dict_in_generate", config.return_dict_in_generate):
             return input_ids.clone()
@@ -461,18 +493,37 @@ class LayerRouteModel(nn.Module):
             raise RuntimeError("no generate call has finished in this thread yet")
         return routes
 
-    def _route_stats(self, state: RoutingState, attention_mask: torch.Tensor, new_tokens: torch.Tensor) -> list:
-        keep = torch.stack([state.keep[i] for i in range(self.num_layers)], dim=1).cpu()
+    @property
+    def last_lengths(self) -> list[int]:
+        """Tokens each row of this thread's last ``generate`` call generated, up to and including its end (an end
+        token, or the last token before a stop string or stopping criterion ended it); later positions of a row are
+        padding."""
+        lengths = getattr(self._local, "lengths", None)
+        if lengths is None:
+            raise RuntimeError("no generate call has finished in this thread yet")
+        return lengths
+
+    def _lengths(self, new_tokens: torch.Tensor, ends: _RowEnds | None) -> list[int]:
         eos = self.base_model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        routes = []
-        for row in range(keep.shape[0]):
-            context = int(attention_mask[row].sum())
-            generated = new_tokens.shape[1]
-            for position, token_id in enumerate(new_tokens[row].tolist()):
+        lengths = []
+        for row, tokens in enumerate(new_tokens.tolist()):
+            generated = len(tokens)
+            for position, token_id in enumerate(tokens):
                 if token_id in eos_ids:
                     generated = position + 1
                     break
+            if ends is not None and ends.ends[row] is not None:
+                generated = min(generated, ends.ends[row])
+            lengths.append(generated)
+        return lengths
+
+    def _route_stats(self, state: RoutingState, attention_mask: torch.Tensor, lengths: list[int]) -> list:
+        keep = torch.stack([state.keep[i] for i in range(self.num_layers)], dim=1).cpu()
+        routes = []
+        for row in range(keep.shape[0]):
+            context = int(attention_mask[row].sum())
+            generated = lengths[row]
             routes.append(
                 step_route_stats(
                     skipped_layers=[i for i in range(self.num_layers) if not keep[row, i]],
@@ -601,6 +652,39 @@ def _lora_flops_per_token(block: nn.Module, rank: int) -> int:
         if isinstance(module, LoraLayer) and isinstance(module.base_layer, nn.Linear):
             total += 2 * rank * (module.base_layer.in_features + module.base_layer.out_features)
     return total
+
+
+class _RowEnds(StoppingCriteria):
+    """The per-row stopping criteria of one ``generate`` call (its own, and its stop strings) as one, remembering
+    after how many new tokens each row first met one: HF pads a row that ended while its batch goes on, and a padding
+    token that is also an end token must not count as generated."""
+
+    def __init__(self, criteria: list, prompt_length: int, rows: int):
+        self.criteria = criteria
+        self.prompt_length = prompt_length
+        self.ends: list[int | None] = [None] * rows
+
+    @classmethod
+    def wrap(cls, generate_kwargs: dict, prompt_length: int, rows: int) -> _RowEnds | None:
+        """Replace ``generate_kwargs``' ``stopping_criteria`` and ``stop_strings`` by one :class:`_RowEnds`."""
+        criteria = list(generate_kwargs.get("stopping_criteria") or [])
+        if generate_kwargs.get("stop_strings") and generate_kwargs.get("tokenizer") is not None:
+            criteria.append(StopStringCriteria(tokenizer=generate_kwargs["tokenizer"],
+                                               stop_strings=generate_kwargs.pop("stop_strings")))
+        if not criteria:
+            return None
+        ends = cls(criteria, prompt_length, rows)
+        generate_kwargs["stopping_criteria"] = StoppingCriteriaList([ends])
+        return ends
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for criterion in self.criteria:
+            done = done | criterion(input_ids, scores, **kwargs).to(done.device)
+        for row in done.nonzero().flatten().tolist():
+            if self.ends[row] is None:
+                self.ends[row] = input_ids.shape[1] - self.prompt_length
+        return done
 
 
 def _count_lm_head_positions(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

@@ -39,6 +39,10 @@ class RoutingState:
             cost later needs: ``("input", i)`` its input hidden states, ``("features", i)`` its router's features.
         probe_inputs: when false, ``probes`` gets router features only: frozen routers' bias re-centring reads them,
             and keeping every block's input alive for it would hold ``num_layers`` activations past the backward.
+        last_outputs: when not ``None``, every block that runs records here its output at the last position
+            ``(batch, 1, hidden)``, by block index (a prefill keeps them for :class:`Replay`).
+        replay: when not ``None``, the blocks it holds do not run in this state's next forward: they append its KV
+            entries to its cache and return its outputs instead (:class:`Replay`).
     """
 
     context_mask: torch.Tensor | None = None
@@ -54,12 +58,34 @@ class RoutingState:
     start_hidden: torch.Tensor | None = None
     probes: dict[tuple[str, int], torch.Tensor] | None = None
     probe_inputs: bool = True
+    last_outputs: dict[int, torch.Tensor] | None = None
+    replay: Replay | None = None
 
     def hold(self, keep: torch.Tensor) -> None:
         """Take ``keep`` ``(batch, num_layers)`` as the decisions instead of asking the routers."""
         for index in range(keep.shape[1]):
             self.keep[index] = keep[:, index]
             self.rows_keeping[index] = _rows_keeping(keep[:, index])
+
+
+@dataclass
+class Replay:
+    """A position that an earlier forward already ran, handed to the next forward instead of being run again.
+
+    A server routes and prefills each step alone (batch of one, the whole prompt), then decodes the steps that skip
+    the same blocks as one batch. HF ``generate`` begins by feeding the prompt's last token, for its logits; with a
+    replay, the blocks that ran that position in the prefill append its KV entries from there and return their
+    output at it, so the first forward computes only the LM head, as a plain ``generate``'s prefill does. The prompt
+    runs once, and logits processors, streamers and stopping criteria see the generation they would see otherwise.
+
+    Attributes:
+        cache: the cache the forward continues (the replayed entries are appended to it).
+        positions: block index -> ``(keys, values, output)``: the position's KV entries ``(batch, kv_heads, 1,
+            head_dim)`` and the block's output at it ``(batch, 1, hidden)``; taken out as the blocks replay them.
+    """
+
+    cache: object
+    positions: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _rows_keeping(keep: torch.Tensor) -> str:
@@ -166,10 +192,16 @@ class RoutedBlock(nn.Module):
         rows_keeping = state.rows_keeping[self.layer_idx]
         if rows_keeping == "none":
             return hidden_states
-        output = self.block(hidden_states, *args, **kwargs)
-        if rows_keeping == "all":
+        if state.replay is not None and (replayed := state.replay.positions.pop(self.layer_idx, None)) is not None:
+            keys, values, output = replayed
+            state.replay.cache.update(keys, values, self.layer_idx)
             return output
-        return torch.where(keep.to(output.device)[:, None, None], output, hidden_states)
+        output = self.block(hidden_states, *args, **kwargs)
+        if rows_keeping != "all":
+            output = torch.where(keep.to(output.device)[:, None, None], output, hidden_states)
+        if state.last_outputs is not None:
+            state.last_outputs[self.layer_idx] = output[:, -1:].clone()
+        return output
 
     def _decide(self, hidden_states: torch.Tensor, state: RoutingState,
                 straight_through: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,8 +120,6 @@ class ServerMetrics:
                                       ["step_type"], registry=r)
         self.flops_skipped = Counter("layerroute_flops_skipped", "forward FLOPs of the full model not executed "
                                      "(blocks every row of the batch skipped) by step type", ["step_type"], registry=r)
-        self.recomputed_flops = Counter("layerroute_recomputed_flops", "FLOPs executed twice (a prefilled step's "
-                                        "last prompt token) by step type", ["step_type"], registry=r)
         self.latency = Histogram("layerroute_request_duration_seconds", "completion latency in the server by step "
                                  "type", ["step_type"], buckets=LATENCY_BUCKETS, registry=r)
         self.time_to_first_token = Histogram("layerroute_time_to_first_token_seconds", "streamed completions: "
@@ -148,7 +146,6 @@ class ServerMetrics:
         self.completion_tokens.labels(kind).inc(answer.completion_tokens)
         self.flops_executed.labels(kind).inc(served.flops_executed)
         self.flops_skipped.labels(kind).inc(answer.route["flops_total"] - served.flops_executed)
-        self.recomputed_flops.labels(kind).inc(served.recomputed_flops)
         self.latency.labels(kind).observe(latency)
         self.queue_wait.observe(served.queue_s)
         self.batch_rows.observe(served.batch_rows)
