@@ -232,6 +232,10 @@ def test_evaluate_refuses_missing_adapters_thresholds_and_data_before_loading_a_
     assert "--skip-threshold: " in error_of(capsys, "evaluate")
     assert evaluate.main(["--adapter", str(adapter), "--data", str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl does not exist" in error_of(capsys, "evaluate")
+    config = adapter / "layerroute_config.json"
+    config.write_text(config.read_text().replace('"base_model": {', '"base_model": {"revision": "main", ', 1))
+    assert evaluate.main(["--adapter", str(adapter), "--data", LOG]) == 2
+    assert "layerroute_config.json" in error_of(capsys, "evaluate")  # a hand-edited config, before any model loads
 
 
 def test_evaluate_refuses_an_adapter_trained_on_another_base(evaluate, tmp_path, capsys):

@@ -43,7 +43,8 @@ from layerroute.evaluation import (  # noqa: E402
     wall_clock_by_type,
 )
 from layerroute.grammar import DecodingGrammars  # noqa: E402
-from layerroute.model import ADAPTER_CONFIG  # noqa: E402
+from layerroute.adapter_files import read_adapter_config  # noqa: E402
+from layerroute.model import ADAPTER_CONFIG, FINGERPRINT_ROWS  # noqa: E402
 from layerroute.steps import STEP_TYPES, tokenize_step, trace_steps  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
 
@@ -94,9 +95,9 @@ def main(argv=None) -> int:
     if not steps:
         raise UserError(f"no assistant steps in {args.data}")
     with user_input(f"--adapter {args.adapter}"):
-        recorded = json.loads((args.adapter / ADAPTER_CONFIG).read_text())["base_model"]["name_or_path"]
+        _, recorded = read_adapter_config(args.adapter / ADAPTER_CONFIG, FINGERPRINT_ROWS)
     with user_input("--model"):
-        base, tokenizer = load_base_model(args.model or recorded)
+        base, tokenizer = load_base_model(args.model or recorded["name_or_path"])
     # wrapping modifies a base in place: each adapter gets its own copy, loaded up front so that one that does not
     # fit the base fails before the evaluation runs
     baselines = {}
