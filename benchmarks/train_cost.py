@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noqa: E402
 from layerroute.loading import default_adapter_dir  # noqa: E402
-from layerroute.recipe import joint_step, lora_step, warmup_step  # noqa: E402
+from layerroute.recipe import TrainingConfig, joint_step, lora_step, warmup_step  # noqa: E402
 from layerroute.traces import read_traces  # noqa: E402
 from layerroute.training import (  # noqa: E402
     PROBE_PRECISIONS,
@@ -52,6 +52,7 @@ from layerroute.training import (  # noqa: E402
     probed_blocks,
 )
 
+RECIPE = TrainingConfig()  # finetune.py's default (cpu preset) settings
 TRAINERS = ("plain LoRA", "LayerRoute, gates only", "LayerRoute, joint step", "LayerRoute, warm-up step",
             "LayerRoute, LoRA under frozen routers")
 
@@ -98,7 +99,8 @@ def gates_only_step(base, config, accelerator):
 
 def joint_recipe_step(base, config, args, accelerator):
     model = LayerRouteModel.from_base(copy.deepcopy(base), config).train()
-    budget = SkipBudget(config, model.num_layers, probe_dtype=args.probe_dtype)
+    budget = SkipBudget(model.num_layers, RECIPE.target_skip_rate, RECIPE.multiplier_step_size, skip_cost="loss",
+                        probe_dtype=args.probe_dtype)
     budget.multiplier = 1.0
     lora = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
     routers = [p for n, p in model.named_parameters() if ".router." in n]
@@ -113,7 +115,8 @@ def joint_recipe_step(base, config, args, accelerator):
 
 def warmup_recipe_step(base, config, args, accelerator):
     model = LayerRouteModel.from_base(copy.deepcopy(base), config).train()
-    budget = SkipBudget(config, model.num_layers, probe_dtype=args.probe_dtype, skip_cost="kl")
+    budget = SkipBudget(model.num_layers, RECIPE.target_skip_rate, RECIPE.multiplier_step_size,
+                        skip_cost=RECIPE.skip_cost, probe_dtype=args.probe_dtype)
     budget.multiplier = 1.0
     optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if ".router." in n], lr=1e-2)
     anchor = RouterAnchor(model.num_layers, model.shape.block.hidden_size)
@@ -143,7 +146,7 @@ def frozen_routers_step(base, adapter, reference_batch: dict, accelerator):
 
 def load_batches(tokenizer, args) -> list[dict]:
     traces = read_traces(ROOT / "training" / "data" / "corpus" / "validation.jsonl.gz").traces
-    examples = build_examples(traces, tokenizer, args.max_length, 160).examples
+    examples = build_examples(traces, tokenizer, args.max_length, RECIPE.max_target_length).examples
     return [collate(examples[i : i + args.batch_size], tokenizer.pad_token_id)
             for i in range(0, args.batch_size * (args.repeats + 1), args.batch_size)]
 
@@ -173,15 +176,16 @@ def peak_memory(name: str, args, queue) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=RECIPE.batch_size)
+    parser.add_argument("--max-length", type=int, default=RECIPE.max_length)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--skip-cost-blocks", type=int, default=2, help="probes per joint step")
-    parser.add_argument("--warmup-skip-cost-blocks", type=int, default=4, help="probes per warm-up step")
+    parser.add_argument("--warmup-skip-cost-blocks", type=int, default=RECIPE.skip_cost_blocks,
+                        help="probes per warm-up step")
     parser.add_argument("--adapter", default=str(default_adapter_dir()),
                         help="whose routers the frozen-router step uses (an adapter for --model)")
-    parser.add_argument("--router-fit-steps", type=int, default=10)
-    parser.add_argument("--probe-precision", choices=PROBE_PRECISIONS, default="auto",
+    parser.add_argument("--router-fit-steps", type=int, default=RECIPE.router_fit_steps)
+    parser.add_argument("--probe-precision", choices=PROBE_PRECISIONS, default=RECIPE.probe_precision,
                         help="as in training/finetune.py")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-trainer peak-memory processes")
     args = parser.parse_args()

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .architectures import BlockShape, ModelShape
-from .config import LayerRouteConfig
+from .config import RETIRED_FIELDS, LayerRouteConfig
 from .errors import InvalidAdapterError, MissingInputError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -30,7 +30,7 @@ BASE_MODEL_TYPES = {"name_or_path": str | None, "shape": dict, "fingerprint": li
 # the flat dict ModelShape.to_dict writes: the model's fields, its block's in place of `block`
 SHAPE_TYPES = {name: hint for name, hint in {**typing.get_type_hints(ModelShape),
                                              **typing.get_type_hints(BlockShape)}.items() if name != "block"}
-CONFIG_TYPES = typing.get_type_hints(LayerRouteConfig)
+CONFIG_TYPES = {**typing.get_type_hints(LayerRouteConfig), **RETIRED_FIELDS}  # older adapters' keys too
 
 
 def read_adapter_config(path: Path, fingerprint_rows: int) -> tuple[LayerRouteConfig, dict]:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 ROUTER_POOLINGS = ("mean", "last")
 ROUTER_NORMS = ("rms", "none")
@@ -47,9 +45,6 @@ class LayerRouteConfig:
         router_init_bias: initial bias of every router; positive starts with every block open
             (``sigmoid(bias)`` is the initial keep probability).
         router_threshold: a block runs when its keep probability is above this value.
-        regularizer_weight: step size of the skip budget's Lagrange multiplier (how fast the price of compute rises
-            while the batch skips less than the target); see ``layerroute.training.SkipBudget``.
-        target_skip_rate: skip rate the regulariser aims for, as a budget over the whole batch (fraction of blocks).
         familiarity_quantile: the share of the steps the routers were fitted on that count as familiar, recorded when
             :func:`layerroute.familiarity.fit_familiarity` fitted the routers' familiar regions; ``None``: not fitted,
             every step is familiar. A step that leaves the region runs every block from there on.
@@ -63,8 +58,6 @@ class LayerRouteConfig:
     router_norm: str = "rms"
     router_init_bias: float = 4.0
     router_threshold: float = 0.5
-    regularizer_weight: float = 1.0
-    target_skip_rate: float = 0.1
     familiarity_quantile: float | None = None
 
     def __post_init__(self) -> None:
@@ -78,23 +71,19 @@ class LayerRouteConfig:
             raise ValueError(f"router_norm must be one of {ROUTER_NORMS}, got {self.router_norm!r}")
         check_skip_threshold(self.router_threshold, "router_threshold")
         check_familiarity_quantile(self.familiarity_quantile)
-        if not 0.0 <= self.target_skip_rate < 1.0:
-            raise ValueError(f"target_skip_rate must lie in [0, 1), got {self.target_skip_rate}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "LayerRouteConfig":
+        """The config :meth:`to_dict` wrote; the :data:`RETIRED_FIELDS` of older adapters are accepted and dropped."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known - set(RETIRED_FIELDS))
         if unknown:
             raise ValueError(f"unknown LayerRouteConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
+        return cls(**{key: value for key, value in values.items() if key in known})
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    @classmethod
-    def load(cls, path: str | Path) -> "LayerRouteConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+# training settings that adapters saved before layerroute.recipe.TrainingConfig held them carry in their config
+RETIRED_FIELDS = {"regularizer_weight": float, "target_skip_rate": float}

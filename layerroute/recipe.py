@@ -19,16 +19,108 @@ every process, so that all processes fit the same routers. Step types never reac
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from .model import LayerRouteOutput
+from .config import ROUTER_POOLINGS
+from .model import SKIP_COST_MEASURES, LayerRouteOutput
 from .steps import TokenizedStep
-from .training import RouterAnchor, SkipBudget, read_router_features
+from .training import PROBE_PRECISIONS, PROBE_SELECTIONS, RouterAnchor, SkipBudget, read_router_features
 
 MAX_GRAD_NORM = 1.0  # LoRA's gradients are clipped to this norm every step
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything a training run is defined by; ``training/finetune.py`` takes it from a preset
+    (``training/presets/``) and its command line. The defaults are the ``cpu`` preset: the embedded model and corpus,
+    minutes on a 2-core CPU.
+
+    Args:
+        model: base model, a hub id, local directory or ``.gguf`` file; ``None``: the embedded SmolLM2-135M-Instruct.
+        data: agent logs (any supported format) or dataset names; ``None``: the embedded corpus.
+        router_warmup: steps in which the routers learn alone on the frozen base (:func:`warmup_step`); 0: the joint
+            recipe (:func:`joint_step`).
+        steps: LoRA steps after the warm-up (:func:`lora_step`), or joint steps.
+        batch_size: steps (rows) per batch, per process.
+        lr: LoRA's peak learning rate (AdamW, linear warm-up over 5% of ``steps``, then cosine decay to zero).
+        router_lr: the routers' learning rate (AdamW; constant in a warm-up, the LoRA schedule in the joint recipe).
+        max_length: context token budget per step.
+        max_target_length: target token budget per step.
+        seed: seeds the weights' initialisation, the batch order and the probed blocks.
+        target_skip_rate: the skip budget, a share of the batch's block FLOPs
+            (:class:`~layerroute.training.SkipBudget`).
+        multiplier_step_size: how far the budget's Lagrange multiplier (the price of compute) moves per unit of the
+            gap between the target and the skipped share, after every step.
+        router_pooling: what a fresh adapter's routers read (``LayerRouteConfig.router_pooling``).
+        router_init_bias: a fresh adapter's initial router bias (``LayerRouteConfig.router_init_bias``).
+        skip_cost: how a measured skip costs a row: ``"kl"``, the KL divergence of its next-token distributions without
+            the block from with it (the loss increase expected under the model's own predictions); ``"loss"``, the
+            increase of its loss on the reference tokens.
+        skip_cost_blocks: blocks per step whose skip cost is measured (each costs up to one extra forward without
+            gradients).
+        probe_selection: how those blocks are drawn: ``"uniform"``, or ``"uncertain"``, in proportion to how split
+            their remembered rows are between keep and skip (:meth:`SkipBudget.probe_weights`).
+        probe_precision: precision of the measurements (:func:`~layerroute.training.probe_dtype`).
+        router_fit_steps: router optimiser passes over the remembered skip costs per step.
+        router_refit_rounds: rounds of :func:`refit_routers` after a warm-up and the LoRA steps; 0: no refit.
+        familiarity_quantile: do-no-harm routing (:mod:`layerroute.familiarity`): the share of training steps each
+            router counts as familiar, in [0, 1]; 0: no check.
+        familiarity_steps: training steps, drawn at random, whose features define the familiar regions (at least 2).
+        no_routing: the LoRA-only baseline: every block runs, no routers learn.
+        static_prune: the static-pruning baseline: the ``static_prune`` blocks of lowest influence
+            (:func:`~layerroute.training.block_influence`) are skipped for every step and LoRA heals the rest.
+    """
+
+    model: str | None = None
+    data: list[str] | None = None
+    router_warmup: int = 40
+    steps: int = 70
+    batch_size: int = 4
+    lr: float = 1e-3
+    router_lr: float = 1e-2
+    max_length: int = 512
+    max_target_length: int = 160
+    seed: int = 0
+    target_skip_rate: float = 0.1
+    multiplier_step_size: float = 1.0
+    router_pooling: str = "last"
+    router_init_bias: float = 4.0
+    skip_cost: str = "kl"
+    skip_cost_blocks: int = 4
+    probe_selection: str = "uniform"
+    probe_precision: str = "auto"
+    router_fit_steps: int = 10
+    router_refit_rounds: int = 30
+    familiarity_quantile: float = 0.99
+    familiarity_steps: int = 200
+    no_routing: bool = False
+    static_prune: int = 0
+
+    def __post_init__(self) -> None:
+        for name, choices in (("router_pooling", ROUTER_POOLINGS), ("skip_cost", SKIP_COST_MEASURES),
+                              ("probe_selection", PROBE_SELECTIONS), ("probe_precision", PROBE_PRECISIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.target_skip_rate < 1.0:
+            raise ValueError(f"target_skip_rate must lie in [0, 1), got {self.target_skip_rate}")
+        if not 0.0 <= self.familiarity_quantile <= 1.0:
+            raise ValueError(f"familiarity_quantile must lie in [0, 1] (0: no check), got {self.familiarity_quantile}")
+        if self.familiarity_steps < 2:
+            raise ValueError(f"familiarity_steps must be at least 2, got {self.familiarity_steps}")
+        if (self.no_routing or self.static_prune) and self.router_warmup:
+            raise ValueError("router_warmup trains routers; it does not combine with no_routing or static_prune")
+
+    @property
+    def learns_routes(self) -> bool:
+        """Whether routers learn at all (not in the baselines)."""
+        return not (self.no_routing or self.static_prune)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass

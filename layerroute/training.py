@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from .config import LayerRouteConfig
 from .steps import TokenizedStep, tokenize_step, trace_steps
 from .traces import Trace
 
@@ -101,13 +100,13 @@ def batches(
 
 
 class SkipBudget:
-    """The gate regulariser: a compute budget of ``config.target_skip_rate`` of the batch's block FLOPs, which the
-    routers must spend where skipping costs the task loss least.
+    """The gate regulariser: a compute budget of ``target_skip_rate`` of the batch's block FLOPs, which the routers
+    must spend where skipping costs the task loss least.
 
     The budget is shared by every step and block, not imposed on each step. Compute is priced in FLOPs: a row's
     blocks weigh as many tokens as the row runs through them (context plus target), while the task loss counts the
     row's target tokens only. The price of compute is the Lagrange multiplier of the equality constraint
-    ``skipped_share == target``: after every step it moves by ``config.regularizer_weight`` times the gap, rising
+    ``skipped_share == target``: after every step it moves by ``multiplier_step_size`` times the gap, rising
     while the batch skips too little and falling (below zero, which rewards keeping blocks) while it skips too much,
     so it settles at whatever price holds the budget, whatever the scale of the task loss.
 
@@ -135,12 +134,12 @@ class SkipBudget:
     0.0002; and they took 57% of the time on a CPU with bfloat16 units.
     """
 
-    def __init__(self, config: LayerRouteConfig, num_layers: int, memory_size: int = 256,
-                 probe_dtype: torch.dtype | None = None, skip_cost: str = "loss") -> None:
-        self.target = config.target_skip_rate
+    def __init__(self, num_layers: int, target_skip_rate: float, multiplier_step_size: float, *, skip_cost: str,
+                 probe_dtype: torch.dtype | None = None, memory_size: int = 256) -> None:
+        self.target = target_skip_rate
         self.probe_dtype = probe_dtype
         self.skip_cost = skip_cost
-        self.step_size = config.regularizer_weight
+        self.multiplier_step_size = multiplier_step_size
         self.multiplier = 0.0
         self.memory_size = memory_size
         # per block: router features (rows, hidden), loss increase in task-loss units (rows,), price weight (rows,)
@@ -284,7 +283,7 @@ class SkipBudget:
         return torch.tensor(weights)
 
     def update(self, skipped_share: float) -> None:
-        self.multiplier += self.step_size * (self.target - skipped_share)
+        self.multiplier += self.multiplier_step_size * (self.target - skipped_share)
 
     def state_dict(self) -> dict:
         return {"multiplier": self.multiplier, "memory": self.memory}
@@ -345,6 +344,7 @@ class RouterAnchor:
 
 
 PROBE_PRECISIONS = ("auto", "bf16", "fp32")  # the choices of probe_dtype
+PROBE_SELECTIONS = ("uniform", "uncertain")  # how probed_blocks draws: without or with SkipBudget.probe_weights
 
 
 def probe_dtype(precision: str, device: torch.device) -> torch.dtype | None:

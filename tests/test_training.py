@@ -3,9 +3,12 @@ the loss, an interrupted run resumes to the same result, and two CPU processes t
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import os
 import random
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +20,7 @@ from conftest import tiny_qwen2
 from safetensors.torch import load_file
 
 from layerroute import LayerRouteConfig, LayerRouteModel
-from layerroute.recipe import joint_step, lora_step
+from layerroute.recipe import TrainingConfig, joint_step, lora_step
 from layerroute.steps import TokenizedStep
 from layerroute.training import (
     RouterAnchor,
@@ -32,6 +35,7 @@ from layerroute.training import (
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
+FAULTS = Path(__file__).parent / "finetune_faults.py"
 DATA = [str(FIXTURES / name) for name in ("openai.jsonl", "glaive.jsonl", "gsm8k.jsonl", "hermes.json")]
 
 
@@ -56,7 +60,7 @@ def train_steps(accelerator, model: LayerRouteModel, data: list[TokenizedStep], 
     lora = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
     routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
     lora_optimizer, router_optimizer = torch.optim.AdamW(lora, lr=1e-2), torch.optim.AdamW(routers, lr=1e-2)
-    budget = SkipBudget(model.config, model.num_layers)
+    budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss")
     losses = []
     order = batches(len(data), 4, seed=0)
     for step in range(steps):
@@ -126,7 +130,7 @@ def test_loss_skip_costs_equal_the_loss_increase_of_rerunning_without_the_block(
 
 
 def test_router_targets_keep_what_costs_more_than_its_compute():
-    budget = SkipBudget(LayerRouteConfig(), num_layers=4)
+    budget = SkipBudget(4, 0.1, 1.0, skip_cost="kl")
     budget.multiplier = 8.0
     loss_increase = torch.tensor([0.01, 0.6, 0.01, 0.6])
     price_weight = torch.tensor([0.0625, 0.0625, 0.1875, 0.1875])  # 100 and 300 tokens of a 400-token batch, 4 blocks
@@ -141,7 +145,7 @@ def test_router_fit_weighs_rows_by_what_a_wrong_decision_costs():
     """Four near-ties say skip, one row that skipping ruins says keep: a fit that counts rows equally skips, the
     margin-weighted fit keeps."""
     model = LayerRouteModel.from_base(tiny_qwen2())
-    budget = SkipBudget(model.config, model.num_layers)
+    budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss")
     budget.multiplier = 1.0
     hidden = model.routers[0].proj.in_features
     budget.memory[0] = {"features": torch.zeros(5, hidden), "price_weight": torch.full((5,), 0.1),
@@ -160,7 +164,7 @@ def test_router_fit_weighs_rows_by_what_a_wrong_decision_costs():
 def test_routers_learn_from_remembered_skip_costs():
     torch.manual_seed(0)
     model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
-    budget = SkipBudget(model.config, model.num_layers, memory_size=6)
+    budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss", memory_size=6)
     batch = collate(examples(count=4), pad_token_id=0)
     budget.measure(model, batch, model(**batch, record_probes=True), [1, 3])
     assert [m is not None for m in budget.memory] == [False, True, False, True]
@@ -176,7 +180,7 @@ def test_refit_reads_remembered_steps_through_the_current_lora_and_holds_the_bud
     torch.manual_seed(0)
     model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
     data = examples(count=8)
-    budget = SkipBudget(model.config, model.num_layers)
+    budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss")
     for step, rows in enumerate(([5, 2, 7, 0], [2, 6, 1, 3])):
         batch = collate([data[i] for i in rows], pad_token_id=0)
         budget.measure(model, batch, model(**batch, record_probes=True), [step, 2], example_ids=torch.tensor(rows))
@@ -199,12 +203,12 @@ def test_refit_reads_remembered_steps_through_the_current_lora_and_holds_the_bud
     optimizer = torch.optim.AdamW([p for r in model.routers for p in r.parameters()], lr=1e-1)
     share = budget.refit_routers(model, optimizer, features, tokens, rounds=60, steps=5)
     assert budget.multiplier != 0.0  # the price moved with the gap
-    assert abs(share - model.config.target_skip_rate) < 0.1
+    assert abs(share - budget.target) < 0.1
 
 
 def test_rows_measured_without_example_ids_cannot_be_reread():
     model = LayerRouteModel.from_base(tiny_qwen2()).train()
-    budget = SkipBudget(model.config, model.num_layers)
+    budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss")
     batch = collate(examples(count=2), pad_token_id=0)
     budget.measure(model, batch, model(**batch, record_probes=True), [0])
     with pytest.raises(ValueError, match="example_ids"):
@@ -218,7 +222,7 @@ def test_bf16_probes_measure_what_fp32_probes_measure():
     out = model(**batch, record_probes=True)
     measured = {}
     for dtype in (None, torch.bfloat16):
-        budget = SkipBudget(model.config, model.num_layers, probe_dtype=dtype)
+        budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss", probe_dtype=dtype)
         budget.measure(model, batch, out, [0, 2])
         measured[dtype] = torch.stack([budget.memory[b]["loss_increase"] for b in (0, 2)])
     reference = measured[None]
@@ -287,7 +291,7 @@ def test_collate_masks_context_and_target():
 
 
 def test_budget_multiplier_tracks_the_gap_both_ways():
-    budget = SkipBudget(LayerRouteConfig(target_skip_rate=0.2, regularizer_weight=10.0), num_layers=4)
+    budget = SkipBudget(4, target_skip_rate=0.2, multiplier_step_size=10.0, skip_cost="kl")
     budget.update(0.0)
     assert budget.multiplier == pytest.approx(2.0)
     budget.update(0.5)
@@ -295,7 +299,7 @@ def test_budget_multiplier_tracks_the_gap_both_ways():
 
 
 def test_uncertain_probe_selection_measures_blocks_whose_rows_split_most_often():
-    budget = SkipBudget(LayerRouteConfig(), num_layers=3)
+    budget = SkipBudget(3, 0.1, 1.0, skip_cost="kl")
     budget.multiplier = 1.0
     price_weight = torch.full((20,), 0.1)  # price 0.1 per row
     budget.memory[0] = {"features": torch.zeros(20, 4), "price_weight": price_weight,
@@ -343,6 +347,22 @@ def common_args(model_dir: str, output: Path, steps: int) -> list[str]:
             "--report-steps", "4"]
 
 
+def test_settings_come_from_the_preset_then_the_command_line():
+    spec = importlib.util.spec_from_file_location("finetune_settings", ROOT / "training" / "finetune.py")
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    config, run = finetune.parse_args([])
+    assert config == TrainingConfig()  # the cpu preset is the dataclass's defaults
+    seed = runpy.run_path(str(ROOT / "training" / "presets" / "seed.py"))["config"]
+    config, run = finetune.parse_args(["--preset", "seed", "--router-lr", "0.02", "--data", "a.jsonl", "b.jsonl",
+                                       "--output", "elsewhere"])
+    assert config == dataclasses.replace(seed, router_lr=0.02, data=["a.jsonl", "b.jsonl"])
+    assert run.output == Path("elsewhere") and not set(vars(run)) & set(config.to_dict())  # not part of the run
+    assert finetune.parse_args(["--no-routing"])[0].router_warmup == 0  # a baseline has no routers to warm up
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--skip-cost", "nll"])
+
+
 def test_finetune_writes_adapter_metrics_and_report(tiny_chat_dir, tmp_path):
     result = run_finetune([*common_args(tiny_chat_dir, tmp_path / "run", 2), "--router-warmup", "1"])
     assert result.returncode == 0, result.stderr[-2000:]
@@ -366,7 +386,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_chat_dir, tmp_path, re
     interrupted_dir = tmp_path / "interrupted"
     arguments = [*common_args(tiny_chat_dir, interrupted_dir, 6), *recipe]
     # Ctrl-C as step `interrupted_at` starts (tests/finetune_faults.py): the run finishes that step, saves, stops
-    interrupted = run_finetune(["sigint", str(interrupted_at), *arguments], script=ROOT / "tests" / "finetune_faults.py")
+    interrupted = run_finetune(["sigint", str(interrupted_at), *arguments], script=FAULTS)
     assert interrupted.returncode == 130, interrupted.stderr[-2000:]
     assert f"interrupted at step {interrupted_at}" in interrupted.stdout
     assert "--resume" in interrupted.stdout
