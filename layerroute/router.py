@@ -123,10 +123,15 @@ class Router(nn.Module):
         standardised = (features.float() - self.feature_mean) / self.feature_scale
         return standardised.pow(2).mean(-1).sqrt()
 
-    def forward(self, hidden_states: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
-        """Keep logits of shape ``(batch,)`` from ``hidden_states`` ``(batch, seq_len, hidden)`` pooled over the
-        positions where ``context_mask`` ``(batch, seq_len)`` is true."""
-        return self.proj(self.features(hidden_states, context_mask)).squeeze(-1)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Keep logits ``(batch,)`` from what the router read, ``features`` ``(batch, hidden)`` (:meth:`features`)."""
+        return self.proj(features).squeeze(-1)
+
+    def decide(self, features: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(batch,)`` keep probabilities and ``(batch,)`` bool decisions from ``features`` ``(batch, hidden)``: a
+        block runs when its keep probability is above ``threshold``."""
+        keep_prob = torch.sigmoid(self(features))
+        return keep_prob, keep_prob > threshold
 
     def features(self, hidden_states: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
         """What the router reads: ``(batch, hidden)``, the (normalised) hidden states pooled over the context."""
@@ -214,8 +219,8 @@ class RoutedBlock(nn.Module):
         features = self.router.features(hidden_states, state.context_mask)
         if state.probes is not None:
             state.probes["features", self.layer_idx] = features.detach()
-        keep_prob = torch.sigmoid(self.router.proj(features).squeeze(-1))
-        keep = keep_prob > (self.threshold if state.skip_threshold is None else state.skip_threshold)
+        keep_prob, keep = self.router.decide(features, self.threshold if state.skip_threshold is None
+                                             else state.skip_threshold)
         if straight_through:  # a router that learns acts on its own decisions
             return keep_prob, keep
         # do no harm: once a row reads unlike the steps the routers were fitted on, the routers' decisions are

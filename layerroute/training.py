@@ -202,7 +202,7 @@ class SkipBudget:
         losses = []
         for router, memory in zip(model.routers, self.memory):
             if memory is not None:
-                logits = router.proj(memory["features"].to(router.proj.weight.device)).squeeze(-1)
+                logits = router(memory["features"].to(router.proj.weight.device))
                 margins = self.keep_margins(memory["loss_increase"], memory["price_weight"]).to(logits.device)
                 wrong_decision_costs = margins.abs()
                 weights = wrong_decision_costs / wrong_decision_costs.mean().clamp(min=torch.finfo(margins.dtype).tiny)
@@ -261,9 +261,9 @@ class SkipBudget:
 
     def _share_skipped_reading(self, model, features: torch.Tensor, tokens: torch.Tensor) -> float:
         with torch.no_grad():
-            keep = torch.stack([
-                torch.sigmoid(block.router.proj(features[:, index].to(block.router.proj.weight))).squeeze(-1).cpu()
-                > block.threshold for index, block in enumerate(model.blocks)], dim=1)
+            keep = torch.stack([block.router.decide(features[:, index].to(block.router.proj.weight),
+                                                    block.threshold)[1].cpu()
+                                for index, block in enumerate(model.blocks)], dim=1)
         return self.skipped_share(keep, tokens)
 
     def probe_weights(self) -> torch.Tensor:

@@ -258,7 +258,7 @@ def test_anchor_cancels_a_shift_common_to_every_step():
 
     def logits(rows):
         with torch.no_grad():
-            return torch.stack([r.proj(rows[:, i]).squeeze(-1) for i, r in enumerate(model.routers)], dim=1)
+            return torch.stack([r(rows[:, i]) for i, r in enumerate(model.routers)], dim=1)
 
     before = logits(features)
     anchor = RouterAnchor(model.num_layers, hidden, decay=0.0)
