@@ -117,6 +117,24 @@ def perplexity_by_source(records: list[dict]) -> dict[str, dict[str, float]]:
             for source in sorted({r["source"] for r in records})}
 
 
+def across_sources(cases: list, limit: int) -> list:
+    """Up to ``limit`` of ``cases`` (tuples whose first item is the :class:`Step`), taken from each source in turn,
+    so a large source does not crowd out the others; a smaller ``limit`` takes a prefix of a larger one's choice."""
+    by_source: dict[str, list] = {}
+    for case in cases:
+        by_source.setdefault(case[0].source, []).append(case)
+    queues = [iter(group) for _, group in sorted(by_source.items())]
+    chosen = []
+    while queues and len(chosen) < limit:
+        for queue in list(queues):
+            case = next(queue, None)
+            if case is None:
+                queues.remove(queue)
+            elif len(chosen) < limit:
+                chosen.append(case)
+    return chosen
+
+
 def answers_after_tool_results(step: Step) -> bool:
     """Whether ``step`` is a planning step written right after a tool result (an agent's final answer)."""
     return step.step_type == "planning" and bool(step.context) and step.context[-1]["role"] == "tool"

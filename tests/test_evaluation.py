@@ -57,3 +57,15 @@ def test_evaluate_reports_every_model_and_step_type(tiny_chat_dir, tmp_path, cap
     clock = result["wall_clock_by_type"]
     assert set(clock) == {"tool_call", "planning"} and all(v["full_depth_s"] > 0 for v in clock.values())
     assert "| tool_call |" in (tmp_path / "routed" / "evaluation.md").read_text()
+
+
+def test_across_sources_takes_each_source_in_turn_and_a_smaller_limit_takes_a_prefix():
+    from types import SimpleNamespace
+
+    from layerroute.evaluation import across_sources
+
+    cases = [(SimpleNamespace(source=source), index) for index, source in enumerate("aaaabbc")]
+    chosen = [index for _, index in across_sources(cases, 10)]
+    assert chosen == [0, 4, 6, 1, 5, 2, 3]  # a, b, c, then a and b, then what a has left
+    for limit in range(len(cases) + 1):  # benchmarks/dial.py generates the first of the steps it scores
+        assert [index for _, index in across_sources(cases, limit)] == chosen[:limit]

@@ -32,6 +32,7 @@ from layerroute.config import check_skip_threshold  # noqa: E402
 from layerroute.errors import MissingInputError, UserError, command, user_input  # noqa: E402
 from layerroute.evaluation import (  # noqa: E402
     QUALITY_RATES,
+    across_sources,
     agent_quality,
     answers_after_tool_results,
     paired_difference,
@@ -172,23 +173,6 @@ def main(argv=None) -> int:
     print(json.dumps(result, indent=2))
     write_markdown(args.adapter / "evaluation.md", result)
     return 0
-
-
-def across_sources(cases: list, limit: int) -> list:
-    """Up to ``limit`` of ``cases``, taken from each source in turn, so a large source does not crowd out the others."""
-    by_source: dict[str, list] = {}
-    for case in cases:
-        by_source.setdefault(case[0].source, []).append(case)
-    queues = [iter(group) for _, group in sorted(by_source.items())]
-    chosen = []
-    while queues and len(chosen) < limit:
-        for queue in list(queues):
-            case = next(queue, None)
-            if case is None:
-                queues.remove(queue)
-            elif len(chosen) < limit:
-                chosen.append(case)
-    return chosen
 
 
 def write_markdown(path: Path, result: dict) -> None:
