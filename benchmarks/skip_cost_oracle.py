@@ -1,7 +1,7 @@
 """Which skip cost tells tool calls from planning steps? The KL divergence against the reference tokens' loss.
 
 Measures, for sampled training steps and every block, what skipping that block alone costs each step, both ways
-``LayerRouteModel.skip_costs`` can (``--skip-cost kl`` and ``loss`` in ``training/finetune.py``), with every other
+``layerroute.skip_costs.skip_costs`` can (``--skip-cost kl`` and ``loss`` in ``training/finetune.py``), with every other
 block running. Then takes the decisions a perfect router would take from each measurement at a FLOP budget, as the
 training budget prices them: skip a block for a step where its cost per token of the step is below a price, the
 price set so that the skipped blocks hold the budget's share of the steps' block FLOPs. Step types are used only to
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteModel, load_base_model  # noqa: E402
-from layerroute.model import SKIP_COST_MEASURES  # noqa: E402
+from layerroute.skip_costs import SKIP_COST_MEASURES, recording_probes, skip_costs  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
 from layerroute.training import build_examples, collate  # noqa: E402
 
@@ -68,11 +68,11 @@ def main() -> int:
     blocks = list(range(model.num_layers))
     for start in tqdm(range(0, len(sample), 4), desc="measuring"):
         batch = collate(sample[start : start + 4], tokenizer.pad_token_id)
-        with torch.no_grad():
-            out = model(**batch, forced_skip=(), record_probes=True)
+        with torch.no_grad(), recording_probes(model) as probes:
+            out = model(**batch, forced_skip=())
         for measure in SKIP_COST_MEASURES:
-            costs[measure].append(model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], out,
-                                                   blocks, measure=measure))
+            costs[measure].append(skip_costs(model, batch["input_ids"], batch["attention_mask"], batch["labels"], out,
+                                             probes, blocks, measure=measure))
     tokens = torch.tensor([float(len(e.context_ids) + len(e.target_ids)) for e in sample])
     tool = torch.tensor([e.step_type == "tool_call" for e in sample])
     print(f"{len(sample)} steps ({int(tool.sum())} tool calls, {int((~tool).sum())} planning), "

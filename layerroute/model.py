@@ -30,8 +30,6 @@ from .errors import InvalidAdapterError
 from .flops import RouteStats, step_route_stats
 from .router import FAMILIARITY_BUFFERS, ROUTING_STATE, Replay, RoutedBlock, Router, RoutingState
 
-SKIP_COST_MEASURES = ("loss", "kl")  # the choices of LayerRouteModel.skip_costs(measure=...)
-
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "layerroute_config.json"
 FINGERPRINT_ROWS = 8
@@ -81,12 +79,8 @@ class LayerRouteOutput:
             ``labels``; when ``labels`` were given.
         keep_probs: ``(batch, num_layers)`` keep probability of every block (differentiable in training).
         keep: ``(batch, num_layers)`` bool, which blocks ran for each row.
-        block_inputs: the input hidden states ``(batch, seq_len, hidden)`` of every block, detached, when the forward
-            was asked to record probes (:meth:`LayerRouteModel.skip_costs` resumes from them).
         router_features: ``(batch, num_layers, hidden)``, what every router read, detached, when the forward was asked
-            to record probes or router features and the routers decided (not with ``forced_skip``).
-        final_hidden: ``(batch, seq_len, hidden)``, the last block's normalised output, detached, when the forward was
-            given ``labels`` and asked to record probes (:meth:`LayerRouteModel.skip_costs` compares against it).
+            to record router features and the routers decided (not with ``forced_skip``).
     """
 
     logits: torch.Tensor | None
@@ -94,9 +88,7 @@ class LayerRouteOutput:
     token_nll: torch.Tensor | None
     keep_probs: torch.Tensor
     keep: torch.Tensor
-    block_inputs: list[torch.Tensor] | None = None
     router_features: torch.Tensor | None = None
-    final_hidden: torch.Tensor | None = None
 
 
 class LayerRouteModel(nn.Module):
@@ -242,7 +234,6 @@ class LayerRouteModel(nn.Module):
         labels: torch.Tensor | None = None,
         forced_skip: Iterable[int] | None = None,
         skip_threshold: float | None = None,
-        record_probes: bool = False,
         record_router_features: bool = False,
     ) -> LayerRouteOutput:
         """Run the routed model on full sequences.
@@ -258,9 +249,7 @@ class LayerRouteModel(nn.Module):
             forced_skip: bypass the routers: every block runs except these.
             skip_threshold: this call's decision threshold instead of the adapter's ``router_threshold`` (a block
                 runs when its keep probability is above it; lower skips less).
-            record_probes: keep every block's input and every router's features in the output, for
-                :meth:`skip_costs` and router training.
-            record_router_features: keep only every router's features in the output (implied by ``record_probes``).
+            record_router_features: keep every router's features in the output, for router training.
 
         In training mode every block runs and gates are straight-through; in eval mode skipped blocks do not run.
         """
@@ -271,8 +260,7 @@ class LayerRouteModel(nn.Module):
             straight_through=self.training,
             forced_skip=None if forced_skip is None else frozenset(forced_skip),
             skip_threshold=check_skip_threshold(skip_threshold),
-            probes={} if record_probes or record_router_features else None,
-            probe_inputs=record_probes,
+            router_features={} if record_router_features else None,
         )
         token = ROUTING_STATE.set(state)
         try:
@@ -289,83 +277,11 @@ class LayerRouteModel(nn.Module):
             ROUTING_STATE.reset(token)
         keep_probs = torch.stack([state.keep_probs[i] for i in range(self.num_layers)], dim=1)
         keep = torch.stack([state.keep[i] for i in range(self.num_layers)], dim=1)
-        block_inputs = router_features = final_hidden = None
-        if record_probes:
-            final_hidden = None if labels is None else hidden.detach()
-            block_inputs = [state.probes["input", i] for i in range(self.num_layers)]
-        if state.probes is not None and ("features", 0) in state.probes:
-            router_features = torch.stack([state.probes["features", i] for i in range(self.num_layers)], dim=1)
+        router_features = None
+        if state.router_features:
+            router_features = torch.stack([state.router_features[i] for i in range(self.num_layers)], dim=1)
         return LayerRouteOutput(logits=logits, loss=loss, token_nll=token_nll, keep_probs=keep_probs, keep=keep,
-                                block_inputs=block_inputs, router_features=router_features, final_hidden=final_hidden)
-
-    @torch.no_grad()
-    def skip_costs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor,
-        output: LayerRouteOutput,
-        blocks: Iterable[int],
-        measure: str = "loss",
-    ) -> torch.Tensor:
-        """What skipping each of ``blocks`` costs each row, measured rather than estimated from a gradient.
-
-        For every listed block, the rows are run again with that block's decision flipped and every other block as
-        ``output`` decided, resuming at the block from its recorded input (the blocks before it are not rerun).
-
-        Args:
-            input_ids, attention_mask, labels: the batch ``output`` came from (``(batch, seq_len)`` each).
-            output: a forward of this batch with ``labels`` and ``record_probes=True``.
-            blocks: block indices.
-            measure: ``"loss"``: the increase of the row's summed loss on its reference target tokens. ``"kl"``: the
-                KL divergence of the next-token distribution without the block from the one with it, summed over
-                the row's target positions, i.e. the increase of the row's loss expected under the model's own
-                predictions; it separates step types far better before training (on the embedded model, decisions
-                taken on it at a 10% FLOP budget skip 16.9% of tool calls' blocks and none of planning steps', the
-                loss's 9.4% and 9.8%), but 70-step runs trained on it have not come out better
-                (``benchmarks/skip_cost_oracle.py``, README).
-
-        Returns:
-            ``(batch, len(blocks))``: each row's cost of skipping each block.
-        """
-        if measure not in SKIP_COST_MEASURES:
-            raise ValueError(f"skip cost measure must be one of {SKIP_COST_MEASURES}, not {measure!r}")
-        if output.block_inputs is None or output.final_hidden is None:
-            raise ValueError("skip_costs needs a forward with labels and record_probes=True")
-        if measure == "kl":
-            predicting = labels[:, 1:] != -100
-            row_of = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(predicting)[predicting]
-            current = self._target_log_probs(output.final_hidden, predicting)
-        else:
-            current = output.token_nll.detach().sum(dim=1)
-        costs = []
-        for block in blocks:
-            flipped_keep = output.keep.clone()
-            flipped_keep[:, block] = ~flipped_keep[:, block]
-            state = RoutingState(start_block=block, start_hidden=output.block_inputs[block])
-            state.hold(flipped_keep)
-            token = ROUTING_STATE.set(state)
-            try:
-                hidden = self.base_model.model(
-                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-                ).last_hidden_state
-            finally:
-                ROUTING_STATE.reset(token)
-            if measure == "kl":
-                flipped = self._target_log_probs(hidden, predicting)
-                runs = output.keep[row_of, block][:, None].to(current.device)
-                with_block, without_block = torch.where(runs, current, flipped), torch.where(runs, flipped, current)
-                divergence = (with_block.exp() * (with_block - without_block)).sum(dim=-1)
-                costs.append(torch.zeros(labels.shape[0], device=divergence.device).index_add_(0, row_of, divergence))
-            else:
-                flipped = self._supervised_loss(hidden, labels)[1].sum(dim=1)
-                costs.append(torch.where(output.keep[:, block], flipped - current, current - flipped))
-        return torch.stack(costs, dim=1)
-
-    def _target_log_probs(self, hidden: torch.Tensor, predicting: torch.Tensor) -> torch.Tensor:
-        """``(positions, vocab)`` next-token log-probabilities at the ``predicting`` ``(batch, seq_len - 1)`` positions
-        of ``hidden`` ``(batch, seq_len, hidden)``."""
-        return F.log_softmax(self._target_logits(hidden, predicting).float(), dim=-1)
+                                router_features=router_features)
 
     def _target_logits(self, hidden: torch.Tensor, predicting: torch.Tensor) -> torch.Tensor:
         """The LM head on the ``predicting`` positions only: ``(positions, vocab)``."""

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import ROUTER_POOLINGS
-from .model import SKIP_COST_MEASURES, LayerRouteOutput
+from .model import LayerRouteOutput
+from .skip_costs import SKIP_COST_MEASURES, recording_probes
 from .steps import TokenizedStep
 from .training import PROBE_PRECISIONS, PROBE_SELECTIONS, RouterAnchor, SkipBudget, read_router_features
 
@@ -154,8 +155,9 @@ def warmup_step(accelerator, model, batch: dict[str, torch.Tensor], budget: Skip
     LoRA is untouched."""
     unwrapped = accelerator.unwrap_model(model)
     with accelerator.autocast(), torch.no_grad():
-        out = model(**batch, record_probes=True, record_router_features=True)
-        budget.measure(unwrapped, batch, out, probed, gather=accelerator.gather, example_ids=example_ids)
+        with recording_probes(unwrapped) as probes:
+            out = model(**batch, record_router_features=True)
+        budget.measure(unwrapped, batch, out, probes, probed, gather=accelerator.gather, example_ids=example_ids)
         router_loss = budget.router_loss(unwrapped)
         loss = out.loss + router_loss
     anchor.observe(accelerator.gather(out.router_features.contiguous()))
@@ -191,8 +193,9 @@ def joint_step(accelerator, model, batch: dict[str, torch.Tensor], budget: SkipB
     passes over the memory, and the price moved by the budget's gap."""
     unwrapped = accelerator.unwrap_model(model)
     with accelerator.autocast():
-        out = model(**batch, record_probes=True)
-        budget.measure(unwrapped, batch, out, probed, gather=accelerator.gather, example_ids=example_ids)
+        with recording_probes(unwrapped) as probes:
+            out = model(**batch, record_router_features=True)
+        budget.measure(unwrapped, batch, out, probes, probed, gather=accelerator.gather, example_ids=example_ids)
         router_loss = budget.router_loss(unwrapped)
         loss = out.loss + router_loss
     accelerator.backward(loss)

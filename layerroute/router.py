@@ -35,10 +35,8 @@ class RoutingState:
         start_block: blocks before this one are not run (their input passes through unchanged) and this block starts
             from ``start_hidden``: a forward resumed midway, from hidden states an earlier forward recorded.
         start_hidden: ``(batch, seq_len, hidden)`` input of ``start_block``; ``None`` starts from the embeddings.
-        probes: when not ``None``, every block records here, detached and by block index, what measuring its skip
-            cost later needs: ``("input", i)`` its input hidden states, ``("features", i)`` its router's features.
-        probe_inputs: when false, ``probes`` gets router features only: frozen routers' bias re-centring reads them,
-            and keeping every block's input alive for it would hold ``num_layers`` activations past the backward.
+        router_features: when not ``None``, every router that decides records here, detached and by block index,
+            what it read ``(batch, hidden)``.
         last_outputs: when not ``None``, every block that runs records here its output at the last position
             ``(batch, 1, hidden)``, by block index (a prefill keeps them for :class:`Replay`).
         replay: when not ``None``, the blocks it holds do not run in this state's next forward: they append its KV
@@ -56,8 +54,7 @@ class RoutingState:
     lm_head_positions: list[int] = field(default_factory=list)
     start_block: int = 0
     start_hidden: torch.Tensor | None = None
-    probes: dict[tuple[str, int], torch.Tensor] | None = None
-    probe_inputs: bool = True
+    router_features: dict[int, torch.Tensor] | None = None
     last_outputs: dict[int, torch.Tensor] | None = None
     replay: Replay | None = None
 
@@ -176,8 +173,6 @@ class RoutedBlock(nn.Module):
             return hidden_states
         if self.layer_idx == state.start_block and state.start_hidden is not None:
             hidden_states = state.start_hidden
-        if state.probes is not None and state.probe_inputs:
-            state.probes["input", self.layer_idx] = hidden_states.detach()
         keep = state.keep.get(self.layer_idx)
         gate = None
         # a router that does not learn needs no straight-through gradient, so its block is skipped for real
@@ -217,8 +212,8 @@ class RoutedBlock(nn.Module):
             keep_prob = torch.full((batch,), keep, device=hidden_states.device)
             return keep_prob, keep_prob > 0.5
         features = self.router.features(hidden_states, state.context_mask)
-        if state.probes is not None:
-            state.probes["features", self.layer_idx] = features.detach()
+        if state.router_features is not None:
+            state.router_features[self.layer_idx] = features.detach()
         keep_prob, keep = self.router.decide(features, self.threshold if state.skip_threshold is None
                                              else state.skip_threshold)
         if straight_through:  # a router that learns acts on its own decisions

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from .skip_costs import Probes, skip_costs
 from .steps import TokenizedStep, tokenize_step, trace_steps
 from .traces import Trace
 
@@ -114,7 +115,7 @@ class SkipBudget:
     whole block's on/off switch is a linearisation, and on a real model it is a poor one: it often promises that
     removing a block lowers the loss when removing it raises the loss a lot. So for a few sampled blocks per step
     the rows are run again with the block's decision flipped, and what skipping the block costs each row (the
-    increase of its loss on the reference tokens, :meth:`LayerRouteModel.skip_costs`) is kept,
+    increase of its loss on the reference tokens, :func:`layerroute.skip_costs.skip_costs`) is kept,
     with what the block's router read, in a memory of the newest ``memory_size`` rows per block (:meth:`measure`).
     Every step, every router is fitted by binary cross-entropy to the decisions that lower the Lagrangian for all
     the rows it remembers (:meth:`router_loss`): keep when the row's loss increase exceeds the price of the block's
@@ -124,8 +125,8 @@ class SkipBudget:
     steer the routers. Targets and weights are recomputed at the current price, so old measurements follow the
     budget. Step types are never consulted.
 
-    ``skip_cost`` is the ``measure`` of :meth:`LayerRouteModel.skip_costs`: ``"loss"`` on the reference tokens, or
-    ``"kl"``, the loss increase expected under the model's own predictions.
+    ``skip_cost`` is the ``measure`` of :func:`~layerroute.skip_costs.skip_costs`: ``"loss"`` on the reference tokens,
+    or ``"kl"``, the loss increase expected under the model's own predictions.
 
     ``probe_dtype`` runs the measurements under autocast to that dtype (see :func:`probe_dtype`): a probe needs
     the sign of a loss difference against a price, not the training forward's precision. On the embedded model,
@@ -168,11 +169,12 @@ class SkipBudget:
         """
         return loss_increase - self.multiplier * price_weight
 
-    def measure(self, model, batch: dict[str, torch.Tensor], output, blocks: list[int], gather=None,
+    def measure(self, model, batch: dict[str, torch.Tensor], output, probes: Probes, blocks: list[int], gather=None,
                 example_ids: torch.Tensor | None = None) -> None:
         """Measure what skipping each of ``blocks`` costs every row of ``batch`` and remember it.
 
-        ``output`` is the training forward of ``batch`` with ``record_probes=True``. ``gather`` (e.g.
+        ``output`` is the training forward of ``batch`` with ``record_router_features=True``, ``probes`` what it
+        recorded (:func:`~layerroute.skip_costs.recording_probes`). ``gather`` (e.g.
         ``accelerator.gather``) collects the measurements of every process, so all processes fit the same routers.
         ``example_ids`` ``(batch,)`` names each row's training example, so that :meth:`reread` can later replace what
         the routers read for it (``-1``, the default: not re-readable).
@@ -180,8 +182,8 @@ class SkipBudget:
         precision = (torch.autocast(model.device.type, dtype=self.probe_dtype) if self.probe_dtype is not None
                      else nullcontext())
         with precision:
-            costs = model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], output, blocks,
-                                     measure=self.skip_cost)
+            costs = skip_costs(model, batch["input_ids"], batch["attention_mask"], batch["labels"], output, probes,
+                               blocks, measure=self.skip_cost)
         tokens = batch["attention_mask"].sum(dim=1).float()
         supervised = (batch["labels"][:, 1:] != -100).sum().float()
         price_weight = tokens / (tokens.sum() * model.num_layers)

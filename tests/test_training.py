@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from layerroute import LayerRouteConfig, LayerRouteModel
 from layerroute.recipe import TrainingConfig, joint_step, lora_step
+from layerroute.skip_costs import recording_probes, skip_costs
 from layerroute.steps import TokenizedStep
 from layerroute.training import (
     RouterAnchor,
@@ -88,6 +89,13 @@ def test_routers_receive_gradients_through_the_estimator(accelerator):
                for router in model.routers)
 
 
+def probed_forward(model: LayerRouteModel, batch: dict, **kwargs):
+    """A training forward of ``batch`` and the probes it recorded."""
+    with recording_probes(model) as probes:
+        out = model(**batch, record_router_features=True, **kwargs)
+    return out, probes
+
+
 def test_kl_skip_costs_equal_rerunning_the_batch_with_the_block_removed():
     torch.manual_seed(0)
     model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
@@ -102,9 +110,9 @@ def test_kl_skip_costs_equal_rerunning_the_batch_with_the_block_removed():
         p, q = target_log_probs(with_block), target_log_probs(without_block)
         return torch.stack([(a.exp() * (a - b)).sum() for a, b in zip(p, q)])
 
-    out = model(**batch, forced_skip={1}, record_probes=True)  # block 1 off for every row
-    costs = model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], out, [0, 1, 3],
-                             measure="kl")
+    out, probes = probed_forward(model, batch, forced_skip={1})  # block 1 off for every row
+    costs = skip_costs(model, batch["input_ids"], batch["attention_mask"], batch["labels"], out, probes, [0, 1, 3],
+                       measure="kl")
     expected = torch.stack([row_kl({1}, {0, 1}), row_kl((), {1}), row_kl({1}, {1, 3})], dim=1)
     torch.testing.assert_close(costs, expected, atol=1e-5, rtol=1e-4)
     assert costs.min() > 0  # a real divergence for every row and block, not a no-op
@@ -118,15 +126,15 @@ def test_loss_skip_costs_equal_the_loss_increase_of_rerunning_without_the_block(
     def row_loss(skip):
         return model(**batch, forced_skip=skip).token_nll.sum(dim=1).detach()
 
-    out = model(**batch, forced_skip={1}, record_probes=True)
-    costs = model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], out, [0, 1, 3],
-                             measure="loss")
+    out, probes = probed_forward(model, batch, forced_skip={1})
+    costs = skip_costs(model, batch["input_ids"], batch["attention_mask"], batch["labels"], out, probes, [0, 1, 3],
+                       measure="loss")
     expected = torch.stack([row_loss({0, 1}) - row_loss({1}), row_loss({1}) - row_loss(()),
                             row_loss({1, 3}) - row_loss({1})], dim=1)
     torch.testing.assert_close(costs, expected, atol=1e-5, rtol=1e-4)
     assert costs.abs().min() > 0
     with pytest.raises(ValueError, match="one of"):
-        model.skip_costs(batch["input_ids"], batch["attention_mask"], batch["labels"], out, [0], measure="nll")
+        skip_costs(model, batch["input_ids"], batch["attention_mask"], batch["labels"], out, probes, [0], measure="nll")
 
 
 def test_router_targets_keep_what_costs_more_than_its_compute():
@@ -166,13 +174,13 @@ def test_routers_learn_from_remembered_skip_costs():
     model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
     budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss", memory_size=6)
     batch = collate(examples(count=4), pad_token_id=0)
-    budget.measure(model, batch, model(**batch, record_probes=True), [1, 3])
+    budget.measure(model, batch, *probed_forward(model, batch), [1, 3])
     assert [m is not None for m in budget.memory] == [False, True, False, True]
     assert budget.memory[1]["features"].shape == (4, 64)
     budget.router_loss(model).backward()
     assert model.routers[1].proj.weight.grad.abs().sum() > 0 and model.routers[0].proj.weight.grad is None
     for _ in range(2):
-        budget.measure(model, batch, model(**batch, record_probes=True), [1])
+        budget.measure(model, batch, *probed_forward(model, batch), [1])
     assert budget.memory[1]["features"].shape == (6, 64)  # the newest rows only
 
 
@@ -183,7 +191,7 @@ def test_refit_reads_remembered_steps_through_the_current_lora_and_holds_the_bud
     budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss")
     for step, rows in enumerate(([5, 2, 7, 0], [2, 6, 1, 3])):
         batch = collate([data[i] for i in rows], pad_token_id=0)
-        budget.measure(model, batch, model(**batch, record_probes=True), [step, 2], example_ids=torch.tensor(rows))
+        budget.measure(model, batch, *probed_forward(model, batch), [step, 2], example_ids=torch.tensor(rows))
     remembered = budget.remembered_examples()
     assert remembered == [0, 1, 2, 3, 5, 6, 7]
     with torch.no_grad():  # LoRA moves what the routers read
@@ -210,7 +218,7 @@ def test_rows_measured_without_example_ids_cannot_be_reread():
     model = LayerRouteModel.from_base(tiny_qwen2()).train()
     budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss")
     batch = collate(examples(count=2), pad_token_id=0)
-    budget.measure(model, batch, model(**batch, record_probes=True), [0])
+    budget.measure(model, batch, *probed_forward(model, batch), [0])
     with pytest.raises(ValueError, match="example_ids"):
         budget.remembered_examples()
 
@@ -219,11 +227,11 @@ def test_bf16_probes_measure_what_fp32_probes_measure():
     torch.manual_seed(0)
     model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
     batch = collate(examples(count=4), pad_token_id=0)
-    out = model(**batch, record_probes=True)
+    out, probes = probed_forward(model, batch)
     measured = {}
     for dtype in (None, torch.bfloat16):
         budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss", probe_dtype=dtype)
-        budget.measure(model, batch, out, [0, 2])
+        budget.measure(model, batch, out, probes, [0, 2])
         measured[dtype] = torch.stack([budget.memory[b]["loss_increase"] for b in (0, 2)])
     reference = measured[None]
     assert reference.abs().mean() > 0.05  # the blocks matter, so agreement is not 0 == 0
@@ -271,16 +279,21 @@ def test_anchor_cancels_a_shift_common_to_every_step():
     torch.testing.assert_close(logits(features), before, atol=1e-4, rtol=0)
 
 
-def test_router_features_alone_are_recorded_without_holding_block_inputs():
+def test_probes_are_recorded_only_inside_recording_probes():
     torch.manual_seed(0)
     model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
     batch = collate(examples(count=4), pad_token_id=0)
-    probes = model(**batch, record_probes=True)
-    features_only = model(**batch, record_router_features=True)
-    assert features_only.router_features.shape == (4, model.num_layers, model.shape.block.hidden_size)
-    torch.testing.assert_close(features_only.router_features, probes.router_features, atol=0, rtol=0)
-    assert features_only.block_inputs is None and features_only.final_hidden is None
-    assert probes.block_inputs is not None and probes.final_hidden is not None
+    probed, probes = probed_forward(model, batch)
+    width = batch["input_ids"].shape[1]
+    assert sorted(probes.block_inputs) == list(range(model.num_layers))
+    assert probes.block_inputs[0].shape == probes.final_hidden.shape == (4, width, model.shape.block.hidden_size)
+    assert not probes.final_hidden.requires_grad
+    recorded = probes.final_hidden
+    plain = model(**batch, record_router_features=True)
+    assert probes.final_hidden is recorded  # outside the block nothing is recorded
+    torch.testing.assert_close(plain.router_features, probed.router_features, atol=0, rtol=0)
+    assert plain.router_features.shape == (4, model.num_layers, model.shape.block.hidden_size)
+    assert model(**batch).router_features is None
 
 
 def test_collate_masks_context_and_target():
