@@ -44,8 +44,9 @@ from layerroute.recipe import TrainingConfig, joint_step, lora_step, warmup_step
 from layerroute.traces import read_traces  # noqa: E402
 from layerroute.training import (  # noqa: E402
     PROBE_PRECISIONS,
+    Price,
     RouterAnchor,
-    SkipBudget,
+    SkipCostMemory,
     build_examples,
     collate,
     probe_dtype,
@@ -99,15 +100,15 @@ def gates_only_step(base, config, accelerator):
 
 def joint_recipe_step(base, config, args, accelerator):
     model = LayerRouteModel.from_base(copy.deepcopy(base), config).train()
-    budget = SkipBudget(model.num_layers, RECIPE.target_skip_rate, RECIPE.multiplier_step_size, skip_cost="loss",
-                        probe_dtype=args.probe_dtype)
-    budget.multiplier = 1.0
+    price, memory = Price(RECIPE.target_skip_rate, RECIPE.multiplier_step_size), SkipCostMemory(
+        model.num_layers, "loss", args.probe_dtype)
+    price.multiplier = 1.0
     lora = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
     routers = [p for n, p in model.named_parameters() if ".router." in n]
     lora_optimizer, router_optimizer = torch.optim.AdamW(lora, lr=1e-4), torch.optim.AdamW(routers, lr=1e-2)
 
     def step(batch, index):
-        joint_step(accelerator, model, batch, budget, lora_optimizer, router_optimizer,
+        joint_step(accelerator, model, batch, price, memory, lora_optimizer, router_optimizer,
                    probed_blocks(model.num_layers, args.skip_cost_blocks, 0, index), args.router_fit_steps)
 
     return step
@@ -115,14 +116,14 @@ def joint_recipe_step(base, config, args, accelerator):
 
 def warmup_recipe_step(base, config, args, accelerator):
     model = LayerRouteModel.from_base(copy.deepcopy(base), config).train()
-    budget = SkipBudget(model.num_layers, RECIPE.target_skip_rate, RECIPE.multiplier_step_size,
-                        skip_cost=RECIPE.skip_cost, probe_dtype=args.probe_dtype)
-    budget.multiplier = 1.0
+    price, memory = Price(RECIPE.target_skip_rate, RECIPE.multiplier_step_size), SkipCostMemory(
+        model.num_layers, RECIPE.skip_cost, args.probe_dtype)
+    price.multiplier = 1.0
     optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if ".router." in n], lr=1e-2)
     anchor = RouterAnchor(model.num_layers, model.shape.block.hidden_size)
 
     def step(batch, index):
-        warmup_step(accelerator, model, batch, budget, anchor, optimizer,
+        warmup_step(accelerator, model, batch, price, memory, anchor, optimizer,
                     probed_blocks(model.num_layers, args.warmup_skip_cost_blocks, 0, index), args.router_fit_steps)
 
     return step

@@ -29,7 +29,18 @@ from .config import ROUTER_POOLINGS
 from .model import LayerRouteOutput
 from .skip_costs import SKIP_COST_MEASURES, recording_probes
 from .steps import TokenizedStep
-from .training import PROBE_PRECISIONS, PROBE_SELECTIONS, RouterAnchor, SkipBudget, read_router_features
+from .training import (
+    PROBE_PRECISIONS,
+    PROBE_SELECTIONS,
+    Price,
+    RouterAnchor,
+    SkipCostMemory,
+    fit_routers,
+    read_router_features,
+    refit_routers_holding_the_budget,
+    router_loss,
+    skipped_share,
+)
 
 MAX_GRAD_NORM = 1.0  # LoRA's gradients are clipped to this norm every step
 
@@ -52,8 +63,7 @@ class TrainingConfig:
         max_length: context token budget per step.
         max_target_length: target token budget per step.
         seed: seeds the weights' initialisation, the batch order and the probed blocks.
-        target_skip_rate: the skip budget, a share of the batch's block FLOPs
-            (:class:`~layerroute.training.SkipBudget`).
+        target_skip_rate: the skip budget, a share of the batch's block FLOPs (:class:`~layerroute.training.Price`).
         multiplier_step_size: how far the budget's Lagrange multiplier (the price of compute) moves per unit of the
             gap between the target and the skipped share, after every step.
         router_pooling: what a fresh adapter's routers read (``LayerRouteConfig.router_pooling``).
@@ -64,7 +74,7 @@ class TrainingConfig:
         skip_cost_blocks: blocks per step whose skip cost is measured (each costs up to one extra forward without
             gradients).
         probe_selection: how those blocks are drawn: ``"uniform"``, or ``"uncertain"``, in proportion to how split
-            their remembered rows are between keep and skip (:meth:`SkipBudget.probe_weights`).
+            their remembered rows are between keep and skip (:func:`~layerroute.training.probe_weights`).
         probe_precision: precision of the measurements (:func:`~layerroute.training.probe_dtype`).
         router_fit_steps: router optimiser passes over the remembered skip costs per step.
         router_refit_rounds: rounds of :func:`refit_routers` after a warm-up and the LoRA steps; 0: no refit.
@@ -134,8 +144,8 @@ class StepOutcome:
         router_loss: the routers' fit to the remembered skip costs at the step's start (zero where routers do not
             learn).
         blocks_skipped: share of (row, block) decisions that skipped, over every process's rows.
-        flops_skipped: FLOP-weighted share of block compute skipped (:meth:`SkipBudget.skipped_share`), the mean over
-            processes; what moves the price.
+        flops_skipped: FLOP-weighted share of block compute skipped (:func:`~layerroute.training.skipped_share`),
+            the mean over processes; what moves the price.
     """
 
     output: LayerRouteOutput
@@ -145,11 +155,11 @@ class StepOutcome:
     flops_skipped: float
 
 
-def warmup_step(accelerator, model, batch: dict[str, torch.Tensor], budget: SkipBudget, anchor: RouterAnchor,
-                router_optimizer: torch.optim.Optimizer, probed: list[int], fit_steps: int,
+def warmup_step(accelerator, model, batch: dict[str, torch.Tensor], price: Price, memory: SkipCostMemory,
+                anchor: RouterAnchor, router_optimizer: torch.optim.Optimizer, probed: list[int], fit_steps: int,
                 example_ids: torch.Tensor | None = None) -> StepOutcome:
     """The routers learn alone on the frozen base: one forward without gradients, the skip costs of the ``probed``
-    blocks measured and remembered (:meth:`SkipBudget.measure`, rows named by ``example_ids`` ``(batch,)`` so that
+    blocks measured and remembered (:meth:`SkipCostMemory.measure`, rows named by ``example_ids`` ``(batch,)`` so that
     :func:`refit_routers` can read them again), the anchor's reference fed with what the routers read, the routers
     fitted in ``fit_steps`` passes of ``router_optimizer`` over the memory, and the price moved by the budget's gap.
     LoRA is untouched."""
@@ -157,13 +167,13 @@ def warmup_step(accelerator, model, batch: dict[str, torch.Tensor], budget: Skip
     with accelerator.autocast(), torch.no_grad():
         with recording_probes(unwrapped) as probes:
             out = model(**batch, record_router_features=True)
-        budget.measure(unwrapped, batch, out, probes, probed, gather=accelerator.gather, example_ids=example_ids)
-        router_loss = budget.router_loss(unwrapped)
-        loss = out.loss + router_loss
+        memory.measure(unwrapped, batch, out, probes, probed, gather=accelerator.gather, example_ids=example_ids)
+        routing_loss = router_loss(unwrapped, memory, price)
+        loss = out.loss + routing_loss
     anchor.observe(accelerator.gather(out.router_features.contiguous()))
-    budget.fit_routers(unwrapped, router_optimizer, fit_steps)
-    outcome = _outcome(accelerator, out, batch, loss, router_loss)
-    budget.update(outcome.flops_skipped)
+    fit_routers(unwrapped, memory, price, router_optimizer, fit_steps)
+    outcome = _outcome(accelerator, out, batch, loss, routing_loss)
+    price.update(outcome.flops_skipped)
     return outcome
 
 
@@ -184,7 +194,7 @@ def lora_step(accelerator, model, batch: dict[str, torch.Tensor], lora_optimizer
     return _outcome(accelerator, out, batch, out.loss, torch.zeros((), device=out.loss.device))
 
 
-def joint_step(accelerator, model, batch: dict[str, torch.Tensor], budget: SkipBudget,
+def joint_step(accelerator, model, batch: dict[str, torch.Tensor], price: Price, memory: SkipCostMemory,
                lora_optimizer: torch.optim.Optimizer, router_optimizer: torch.optim.Optimizer, probed: list[int],
                fit_steps: int, example_ids: torch.Tensor | None = None) -> StepOutcome:
     """Routers and LoRA learn together: the skip costs of the ``probed`` blocks are measured and remembered, one
@@ -195,39 +205,41 @@ def joint_step(accelerator, model, batch: dict[str, torch.Tensor], budget: SkipB
     with accelerator.autocast():
         with recording_probes(unwrapped) as probes:
             out = model(**batch, record_router_features=True)
-        budget.measure(unwrapped, batch, out, probes, probed, gather=accelerator.gather, example_ids=example_ids)
-        router_loss = budget.router_loss(unwrapped)
-        loss = out.loss + router_loss
+        memory.measure(unwrapped, batch, out, probes, probed, gather=accelerator.gather, example_ids=example_ids)
+        routing_loss = router_loss(unwrapped, memory, price)
+        loss = out.loss + routing_loss
     accelerator.backward(loss)
     accelerator.clip_grad_norm_(_parameters(lora_optimizer), MAX_GRAD_NORM)
     for optimizer in (lora_optimizer, router_optimizer):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    budget.fit_routers(unwrapped, router_optimizer, fit_steps - 1)  # the step above was the first pass
-    outcome = _outcome(accelerator, out, batch, loss, router_loss)
-    budget.update(outcome.flops_skipped)
+    fit_routers(unwrapped, memory, price, router_optimizer, fit_steps - 1)  # the step above was the first pass
+    outcome = _outcome(accelerator, out, batch, loss, routing_loss)
+    price.update(outcome.flops_skipped)
     return outcome
 
 
-def refit_routers(model, budget: SkipBudget, router_optimizer: torch.optim.Optimizer, examples: list[TokenizedStep],
-                  pad_token_id: int, batch_size: int, rounds: int, fit_steps: int) -> tuple[int, float]:
-    """Fit the routers once more to the skip costs the budget remembers, reading those rows' steps (``examples``,
-    indexed by the rows' example ids) anew through LoRA as it is now (:meth:`SkipBudget.reread`), in ``rounds``
+def refit_routers(model, price: Price, memory: SkipCostMemory, router_optimizer: torch.optim.Optimizer,
+                  examples: list[TokenizedStep], pad_token_id: int, batch_size: int, rounds: int,
+                  fit_steps: int) -> tuple[int, float]:
+    """Fit the routers once more to the skip costs ``memory`` holds, reading those rows' steps (``examples``,
+    indexed by the rows' example ids) anew through LoRA as it is now (:meth:`SkipCostMemory.reread`), in ``rounds``
     rounds of ``fit_steps`` passes, the price moving each round to hold the budget on those steps
-    (:meth:`SkipBudget.refit_routers`).
+    (:func:`~layerroute.training.refit_routers_holding_the_budget`).
 
     The anchor undoes the shift LoRA causes in common to every step, not the rest of it; this fits the rest. Every
     process reads the same steps, so the routers stay identical across processes. The routers' weights are frozen
     again afterwards. Returns how many steps were read and the share of their block FLOPs the routers now skip.
     """
-    remembered = budget.remembered_examples()
+    remembered = memory.remembered_examples()
     steps = [examples[index] for index in remembered]
-    features = read_router_features(model, steps, pad_token_id, batch_size, dtype=budget.probe_dtype)
-    budget.reread(remembered, features)
+    features = read_router_features(model, steps, pad_token_id, batch_size, dtype=memory.probe_dtype)
+    memory.reread(remembered, features)
     tokens = torch.tensor([len(step.context_ids) + len(step.target_ids) for step in steps])
     for router in model.routers:
         router.requires_grad_(True)
-    share = budget.refit_routers(model, router_optimizer, features, tokens, rounds, fit_steps)
+    share = refit_routers_holding_the_budget(model, memory, price, router_optimizer, features, tokens, rounds,
+                                             fit_steps)
     for router in model.routers:
         router.requires_grad_(False)
     return len(remembered), share
@@ -237,7 +249,7 @@ def _outcome(accelerator, out: LayerRouteOutput, batch: dict[str, torch.Tensor],
              router_loss: torch.Tensor) -> StepOutcome:
     blocks_skipped = 1.0 - accelerator.gather(out.keep.float().mean().reshape(1)).mean().item()
     tokens = batch["attention_mask"].sum(dim=1)
-    flops_skipped = accelerator.gather(torch.tensor([SkipBudget.skipped_share(out.keep, tokens)], device=loss.device))
+    flops_skipped = accelerator.gather(torch.tensor([skipped_share(out.keep, tokens)], device=loss.device))
     return StepOutcome(out, loss, router_loss, blocks_skipped, flops_skipped.mean().item())
 
 

@@ -2,7 +2,7 @@
 
 Training-time functions that take a :class:`~layerroute.LayerRouteModel`: :func:`recording_probes` keeps what a
 training forward leaves for the measurement, and :func:`skip_costs` reruns the batch from there with one block's
-decision flipped. The routers learn from these costs (:class:`~layerroute.training.SkipBudget`).
+decision flipped. The routers learn from these costs (:class:`~layerroute.training.SkipCostMemory`).
 """
 
 from __future__ import annotations

@@ -100,61 +100,23 @@ def batches(
         step += 1
 
 
-class SkipBudget:
-    """The gate regulariser: a compute budget of ``target_skip_rate`` of the batch's block FLOPs, which the routers
-    must spend where skipping costs the task loss least.
+class Price:
+    """The price of compute: the Lagrange multiplier of the skip budget, ``skipped_share == target_skip_rate``.
 
-    The budget is shared by every step and block, not imposed on each step. Compute is priced in FLOPs: a row's
-    blocks weigh as many tokens as the row runs through them (context plus target), while the task loss counts the
-    row's target tokens only. The price of compute is the Lagrange multiplier of the equality constraint
-    ``skipped_share == target``: after every step it moves by ``multiplier_step_size`` times the gap, rising
-    while the batch skips too little and falling (below zero, which rewards keeping blocks) while it skips too much,
-    so it settles at whatever price holds the budget, whatever the scale of the task loss.
-
-    Routers learn from measured costs, not from the gate's gradient alone. The straight-through gradient of a
-    whole block's on/off switch is a linearisation, and on a real model it is a poor one: it often promises that
-    removing a block lowers the loss when removing it raises the loss a lot. So for a few sampled blocks per step
-    the rows are run again with the block's decision flipped, and what skipping the block costs each row (the
-    increase of its loss on the reference tokens, :func:`layerroute.skip_costs.skip_costs`) is kept,
-    with what the block's router read, in a memory of the newest ``memory_size`` rows per block (:meth:`measure`).
-    Every step, every router is fitted by binary cross-entropy to the decisions that lower the Lagrangian for all
-    the rows it remembers (:meth:`router_loss`): keep when the row's loss increase exceeds the price of the block's
-    compute for that row, skip otherwise. Each row weighs as much as a wrong decision on it would cost, its margin
-    ``|loss increase - price|``: many rows sit within a few thousandths of a nat of the price, where either decision
-    is nearly as good, and counting them as much as the rows a wrong decision ruins lets noise in those near-ties
-    steer the routers. Targets and weights are recomputed at the current price, so old measurements follow the
-    budget. Step types are never consulted.
-
-    ``skip_cost`` is the ``measure`` of :func:`~layerroute.skip_costs.skip_costs`: ``"loss"`` on the reference tokens,
-    or ``"kl"``, the loss increase expected under the model's own predictions.
-
-    ``probe_dtype`` runs the measurements under autocast to that dtype (see :func:`probe_dtype`): a probe needs
-    the sign of a loss difference against a price, not the training forward's precision. On the embedded model,
-    bfloat16 probes against float32 ones (measured when the cost was the reference token's loss difference):
-    correlation 0.99996, mean absolute difference 0.0012 nats per target token (the price sits near 0.03), bias
-    0.0002; and they took 57% of the time on a CPU with bfloat16 units.
+    The budget is a share of the batch's block FLOPs, shared by every step and block rather than imposed on each
+    step: a row's blocks weigh as many tokens as the row runs through them (context plus target). After every step
+    the multiplier moves by ``multiplier_step_size`` times the gap (:meth:`update`), rising while the batch skips too
+    little and falling (below zero, which rewards keeping blocks) while it skips too much, so it settles at whatever
+    price holds the budget, whatever the scale of the task loss.
     """
 
-    def __init__(self, num_layers: int, target_skip_rate: float, multiplier_step_size: float, *, skip_cost: str,
-                 probe_dtype: torch.dtype | None = None, memory_size: int = 256) -> None:
+    def __init__(self, target_skip_rate: float, multiplier_step_size: float) -> None:
         self.target = target_skip_rate
-        self.probe_dtype = probe_dtype
-        self.skip_cost = skip_cost
         self.multiplier_step_size = multiplier_step_size
         self.multiplier = 0.0
-        self.memory_size = memory_size
-        # per block: router features (rows, hidden), loss increase in task-loss units (rows,), price weight (rows,)
-        self.memory: list[dict[str, torch.Tensor] | None] = [None] * num_layers
 
-    @staticmethod
-    def skipped_share(keep: torch.Tensor, tokens: torch.Tensor | None = None) -> float:
-        """FLOP-weighted share of blocks skipped.
-
-        Args: ``keep`` ``(batch, num_layers)`` bool; ``tokens`` ``(batch,)`` tokens each row runs (``None``: rows weigh
-        the same).
-        """
-        weights = torch.ones(keep.shape[0], device=keep.device) if tokens is None else tokens.float()
-        return float(((~keep).float() * weights[:, None]).sum() / (weights.sum() * keep.shape[1]))
+    def update(self, skipped_share: float) -> None:
+        self.multiplier += self.multiplier_step_size * (self.target - skipped_share)
 
     def keep_margins(self, loss_increase: torch.Tensor, price_weight: torch.Tensor) -> torch.Tensor:
         """How much more keeping the block is worth than its compute at the current price: positive where the block
@@ -169,15 +131,54 @@ class SkipBudget:
         """
         return loss_increase - self.multiplier * price_weight
 
+    def state_dict(self) -> dict:
+        return {"multiplier": self.multiplier}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.multiplier = float(state["multiplier"])
+
+
+def skipped_share(keep: torch.Tensor, tokens: torch.Tensor | None = None) -> float:
+    """FLOP-weighted share of blocks skipped, what the :class:`Price` holds to its target.
+
+    Args: ``keep`` ``(batch, num_layers)`` bool; ``tokens`` ``(batch,)`` tokens each row runs (``None``: rows weigh the
+    same).
+    """
+    weights = torch.ones(keep.shape[0], device=keep.device) if tokens is None else tokens.float()
+    return float(((~keep).float() * weights[:, None]).sum() / (weights.sum() * keep.shape[1]))
+
+
+class SkipCostMemory:
+    """The replay memory the routers learn from: measured skip costs of the newest ``size`` rows per block, with what
+    the block's router read for each row.
+
+    Routers learn from measured costs, not from the gate's gradient alone: the straight-through gradient of a whole
+    block's on/off switch is a linearisation that can promise a loss decrease where removing the block raises the
+    loss a lot. So for a few blocks per step the rows are run again with the block's decision flipped
+    (:func:`layerroute.skip_costs.skip_costs` with ``measure``) and what skipping cost each row is remembered
+    (:meth:`measure`). ``probe_dtype`` runs the measurements under autocast to that dtype (:func:`probe_dtype`): a
+    measurement needs the sign of a loss difference against a price, not the training forward's precision.
+
+    Per block, the memory holds ``features`` ``(rows, hidden)``, ``loss_increase`` ``(rows,)`` in task-loss units,
+    ``price_weight`` ``(rows,)`` (:meth:`Price.keep_margins`) and ``example_ids`` ``(rows,)``.
+    """
+
+    def __init__(self, num_layers: int, measure: str, probe_dtype: torch.dtype | None = None,
+                 size: int = 256) -> None:
+        self.skip_cost = measure
+        self.probe_dtype = probe_dtype
+        self.size = size
+        self.blocks: list[dict[str, torch.Tensor] | None] = [None] * num_layers
+
     def measure(self, model, batch: dict[str, torch.Tensor], output, probes: Probes, blocks: list[int], gather=None,
                 example_ids: torch.Tensor | None = None) -> None:
         """Measure what skipping each of ``blocks`` costs every row of ``batch`` and remember it.
 
         ``output`` is the training forward of ``batch`` with ``record_router_features=True``, ``probes`` what it
-        recorded (:func:`~layerroute.skip_costs.recording_probes`). ``gather`` (e.g.
-        ``accelerator.gather``) collects the measurements of every process, so all processes fit the same routers.
-        ``example_ids`` ``(batch,)`` names each row's training example, so that :meth:`reread` can later replace what
-        the routers read for it (``-1``, the default: not re-readable).
+        recorded (:func:`~layerroute.skip_costs.recording_probes`). ``gather`` (e.g. ``accelerator.gather``)
+        collects the measurements of every process, so all processes fit the same routers. ``example_ids``
+        ``(batch,)`` names each row's training example, so that :meth:`reread` can later replace what the routers
+        read for it (``-1``, the default: not re-readable).
         """
         precision = (torch.autocast(model.device.type, dtype=self.probe_dtype) if self.probe_dtype is not None
                      else nullcontext())
@@ -198,40 +199,17 @@ class SkipBudget:
         for column, block in enumerate(blocks):
             self._remember(block, features[:, column], loss_increase[:, column], price_weight, example_ids)
 
-    def router_loss(self, model) -> torch.Tensor:
-        """Sum over routers of each router's binary cross-entropy against the keep targets of the rows it remembers,
-        each row weighted by its margin (normalised to a mean weight of one per router)."""
-        losses = []
-        for router, memory in zip(model.routers, self.memory):
-            if memory is not None:
-                logits = router(memory["features"].to(router.proj.weight.device))
-                margins = self.keep_margins(memory["loss_increase"], memory["price_weight"]).to(logits.device)
-                wrong_decision_costs = margins.abs()
-                weights = wrong_decision_costs / wrong_decision_costs.mean().clamp(min=torch.finfo(margins.dtype).tiny)
-                losses.append(F.binary_cross_entropy_with_logits(logits, (margins > 0).float(), weight=weights))
-        # routers are independent: each gets its own full gradient
-        return torch.stack(losses).sum() if losses else torch.zeros((), device=model.device)
-
     def _remember(self, block: int, features, loss_increase, price_weight, example_ids) -> None:
         new = {"features": features.detach().float().cpu(), "loss_increase": loss_increase.detach().float().cpu(),
                "price_weight": price_weight.detach().float().cpu(), "example_ids": example_ids.detach().long().cpu()}
-        old = self.memory[block]
+        old = self.blocks[block]
         if old is not None:
-            new = {key: torch.cat([old[key], value])[-self.memory_size :] for key, value in new.items()}
-        self.memory[block] = new
-
-    def fit_routers(self, model, optimizer: torch.optim.Optimizer, steps: int) -> None:
-        """``steps`` passes of ``optimizer`` (over the routers' parameters) on :meth:`router_loss`. The memory holds
-        stored features, so a pass costs milliseconds, and every process holds the same memory, so under DDP the
-        routers stay identical across processes."""
-        for _ in range(steps):
-            self.router_loss(model).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            new = {key: torch.cat([old[key], value])[-self.size :] for key, value in new.items()}
+        self.blocks[block] = new
 
     def remembered_examples(self) -> list[int]:
         """The training examples of every remembered row, sorted and without repeats."""
-        ids = [memory["example_ids"] for memory in self.memory if memory is not None]
+        ids = [memory["example_ids"] for memory in self.blocks if memory is not None]
         if not ids:
             return []
         ids = torch.cat(ids)
@@ -244,55 +222,80 @@ class SkipBudget:
         hidden)``, read anew for ``example_ids`` (e.g. through LoRA trained since the costs were measured); the
         measured costs stay."""
         position = {example: row for row, example in enumerate(example_ids)}
-        for block, memory in enumerate(self.memory):
+        for block, memory in enumerate(self.blocks):
             if memory is not None:
                 rows = torch.tensor([position[example] for example in memory["example_ids"].tolist()], dtype=torch.long)
                 memory["features"] = features[rows, block].detach().float().cpu()
 
-    def refit_routers(self, model, optimizer: torch.optim.Optimizer, features: torch.Tensor, tokens: torch.Tensor,
-                      rounds: int, steps: int) -> float:
-        """Fit the routers to the remembered rows while holding the budget on the remembered examples: ``rounds``
-        times, the price moves by the gap between the target and the share of those examples' block FLOPs the
-        routers skip (decided from ``features`` ``(examples, num_layers, hidden)``, each example weighing its
-        ``tokens`` ``(examples,)``), then :meth:`fit_routers` takes ``steps`` passes. Returns the share skipped at the
-        end."""
-        for _ in range(rounds):
-            self.update(self._share_skipped_reading(model, features, tokens))
-            self.fit_routers(model, optimizer, steps)
-        return self._share_skipped_reading(model, features, tokens)
-
-    def _share_skipped_reading(self, model, features: torch.Tensor, tokens: torch.Tensor) -> float:
-        with torch.no_grad():
-            keep = torch.stack([block.router.decide(features[:, index].to(block.router.proj.weight),
-                                                    block.threshold)[1].cpu()
-                                for index, block in enumerate(model.blocks)], dim=1)
-        return self.skipped_share(keep, tokens)
-
-    def probe_weights(self) -> torch.Tensor:
-        """How much a new measurement of each block is worth, ``(num_layers,)``: ``p * (1 - p)``, where ``p = (s + 1) /
-        (n + 2)`` estimates the share of the block's rows worth skipping at the current price from the ``s`` of its
-        ``n`` remembered rows that are. Where no row (or every row) is worth skipping, the router's bias alone decides
-        and more rows teach it little; where rows split, the router must learn to tell them apart from a handful of
-        examples. Unmeasured blocks weigh most."""
-        weights = []
-        for memory in self.memory:
-            skip_worthy, rows = 0, 0
-            if memory is not None:
-                margins = self.keep_margins(memory["loss_increase"], memory["price_weight"])
-                skip_worthy, rows = int((margins < 0).sum()), len(margins)
-            share = (skip_worthy + 1) / (rows + 2)
-            weights.append(share * (1 - share))
-        return torch.tensor(weights)
-
-    def update(self, skipped_share: float) -> None:
-        self.multiplier += self.multiplier_step_size * (self.target - skipped_share)
-
     def state_dict(self) -> dict:
-        return {"multiplier": self.multiplier, "memory": self.memory}
+        return {"blocks": self.blocks}
 
     def load_state_dict(self, state: dict) -> None:
-        self.multiplier = float(state["multiplier"])
-        self.memory = list(state["memory"])
+        self.blocks = list(state["blocks"])
+
+
+def router_loss(model, memory: SkipCostMemory, price: Price) -> torch.Tensor:
+    """Sum over routers of each router's binary cross-entropy against the decisions that lower the Lagrangian for the
+    rows it remembers: keep where the row's loss increase exceeds the price of the block's compute for that row, skip
+    otherwise. Each row weighs as much as a wrong decision on it would cost, its margin (:meth:`Price.keep_margins`,
+    normalised to a mean weight of one per router), so that the many near-ties do not outvote the rows where
+    skipping really hurts. Targets and weights follow the current price. Step types are never consulted."""
+    losses = []
+    for router, rows in zip(model.routers, memory.blocks):
+        if rows is not None:
+            logits = router(rows["features"].to(router.proj.weight.device))
+            margins = price.keep_margins(rows["loss_increase"], rows["price_weight"]).to(logits.device)
+            wrong_decision_costs = margins.abs()
+            weights = wrong_decision_costs / wrong_decision_costs.mean().clamp(min=torch.finfo(margins.dtype).tiny)
+            losses.append(F.binary_cross_entropy_with_logits(logits, (margins > 0).float(), weight=weights))
+    # routers are independent: each gets its own full gradient
+    return torch.stack(losses).sum() if losses else torch.zeros((), device=model.device)
+
+
+def fit_routers(model, memory: SkipCostMemory, price: Price, optimizer: torch.optim.Optimizer, steps: int) -> None:
+    """``steps`` passes of ``optimizer`` (over the routers' parameters) on :func:`router_loss`. The memory holds
+    stored features, so a pass costs milliseconds, and every process holds the same memory, so under DDP the routers
+    stay identical across processes."""
+    for _ in range(steps):
+        router_loss(model, memory, price).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def refit_routers_holding_the_budget(model, memory: SkipCostMemory, price: Price, optimizer: torch.optim.Optimizer,
+                                     features: torch.Tensor, tokens: torch.Tensor, rounds: int, steps: int) -> float:
+    """Fit the routers to the remembered rows while holding the budget on the remembered examples: ``rounds`` times,
+    the price moves by the gap between the target and the share of those examples' block FLOPs the routers skip
+    (decided from ``features`` ``(examples, num_layers, hidden)``, each example weighing its ``tokens``
+    ``(examples,)``), then :func:`fit_routers` takes ``steps`` passes. Returns the share skipped at the end."""
+    for _ in range(rounds):
+        price.update(_share_skipped_reading(model, features, tokens))
+        fit_routers(model, memory, price, optimizer, steps)
+    return _share_skipped_reading(model, features, tokens)
+
+
+def _share_skipped_reading(model, features: torch.Tensor, tokens: torch.Tensor) -> float:
+    with torch.no_grad():
+        keep = torch.stack([block.router.decide(features[:, index].to(block.router.proj.weight),
+                                                block.threshold)[1].cpu()
+                            for index, block in enumerate(model.blocks)], dim=1)
+    return skipped_share(keep, tokens)
+
+
+def probe_weights(memory: SkipCostMemory, price: Price) -> torch.Tensor:
+    """How much a new measurement of each block is worth, ``(num_layers,)``: ``p * (1 - p)``, where ``p = (s + 1) /
+    (n + 2)`` estimates the share of the block's rows worth skipping at the current price from the ``s`` of its ``n``
+    remembered rows that are. Where no row (or every row) is worth skipping, the router's bias alone decides and more
+    rows teach it little; where rows split, the router must learn to tell them apart. Unmeasured blocks weigh most."""
+    weights = []
+    for rows in memory.blocks:
+        skip_worthy, count = 0, 0
+        if rows is not None:
+            margins = price.keep_margins(rows["loss_increase"], rows["price_weight"])
+            skip_worthy, count = int((margins < 0).sum()), len(margins)
+        share = (skip_worthy + 1) / (count + 2)
+        weights.append(share * (1 - share))
+    return torch.tensor(weights)
 
 
 class RouterAnchor:
@@ -300,11 +303,10 @@ class RouterAnchor:
 
     With a router warm-up (``finetune.py --router-warmup``) the routers are fitted on the frozen base and their
     weights are then frozen while LoRA trains. LoRA in the blocks below a router shifts what it reads, and the shift
-    is mostly common to every step: measured on the embedded model, one router went from skipping 14% of planning
-    steps to all of them in 70 LoRA steps. So the mean of every router's features is taken over the warm-up
-    (:meth:`observe`), tracked afterwards as a moving average over training batches (:meth:`follow`), and each
-    router's bias is moved by minus its weight times the mean's shift: a shift common to all steps no longer moves
-    the decisions, while the routers' weights still tell steps apart as the warm-up fitted them.
+    is mostly common to every step (``docs/method.md``). So the mean of every router's features is taken over the
+    warm-up (:meth:`observe`), tracked afterwards as a moving average over training batches (:meth:`follow`), and
+    each router's bias is moved by minus its weight times the mean's shift: a shift common to all steps no longer
+    moves the decisions, while the routers' weights still tell steps apart as the warm-up fitted them.
     """
 
     def __init__(self, num_layers: int, hidden_size: int, decay: float = 0.9) -> None:
@@ -346,7 +348,7 @@ class RouterAnchor:
 
 
 PROBE_PRECISIONS = ("auto", "bf16", "fp32")  # the choices of probe_dtype
-PROBE_SELECTIONS = ("uniform", "uncertain")  # how probed_blocks draws: without or with SkipBudget.probe_weights
+PROBE_SELECTIONS = ("uniform", "uncertain")  # how probed_blocks draws: without or with probe_weights
 
 
 def probe_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -371,8 +373,8 @@ def probe_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def probed_blocks(num_layers: int, count: int, seed: int, step: int, weights: torch.Tensor | None = None) -> list[int]:
     """The blocks whose skip cost is measured at ``step``: ``count`` of them, drawn afresh (and reproducibly, for
-    resuming) every step, uniformly or, given positive ``weights`` ``(num_layers,)`` (e.g.
-    :meth:`SkipBudget.probe_weights`), without replacement in proportion to them."""
+    resuming) every step, uniformly or, given positive ``weights`` ``(num_layers,)`` (e.g. :func:`probe_weights`),
+    without replacement in proportion to them."""
     draw = random.Random(seed * 1_000_003 + step)
     count = min(count, num_layers)
     if weights is None:

@@ -24,14 +24,18 @@ from layerroute.recipe import TrainingConfig, joint_step, lora_step
 from layerroute.skip_costs import recording_probes, skip_costs
 from layerroute.steps import TokenizedStep
 from layerroute.training import (
+    Price,
     RouterAnchor,
-    SkipBudget,
+    SkipCostMemory,
     batches,
     collate,
     fix_routes,
     probe_dtype,
+    probe_weights,
     probed_blocks,
     read_router_features,
+    refit_routers_holding_the_budget,
+    router_loss,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,12 +65,12 @@ def train_steps(accelerator, model: LayerRouteModel, data: list[TokenizedStep], 
     lora = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
     routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
     lora_optimizer, router_optimizer = torch.optim.AdamW(lora, lr=1e-2), torch.optim.AdamW(routers, lr=1e-2)
-    budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss")
+    price, memory = Price(0.1, 1.0), SkipCostMemory(model.num_layers, "loss")
     losses = []
     order = batches(len(data), 4, seed=0)
     for step in range(steps):
         batch = collate([data[i] for i in next(order)], pad_token_id=0)
-        outcome = joint_step(accelerator, model, batch, budget, lora_optimizer, router_optimizer,
+        outcome = joint_step(accelerator, model, batch, price, memory, lora_optimizer, router_optimizer,
                              probed_blocks(model.num_layers, 2, seed=0, step=step), fit_steps=1)
         losses.append(outcome.output.loss.item())
     return losses
@@ -138,32 +142,32 @@ def test_loss_skip_costs_equal_the_loss_increase_of_rerunning_without_the_block(
 
 
 def test_router_targets_keep_what_costs_more_than_its_compute():
-    budget = SkipBudget(4, 0.1, 1.0, skip_cost="kl")
-    budget.multiplier = 8.0
+    price = Price(0.1, 1.0)
+    price.multiplier = 8.0
     loss_increase = torch.tensor([0.01, 0.6, 0.01, 0.6])
     price_weight = torch.tensor([0.0625, 0.0625, 0.1875, 0.1875])  # 100 and 300 tokens of a 400-token batch, 4 blocks
     # price: 0.5 for the short row, 1.5 for the long one
-    margins = budget.keep_margins(loss_increase, price_weight)
+    margins = price.keep_margins(loss_increase, price_weight)
     torch.testing.assert_close(margins, torch.tensor([-0.49, 0.1, -1.49, -0.9]))
-    budget.multiplier = -1.0  # over budget: keeping everything is rewarded
-    assert (budget.keep_margins(loss_increase, price_weight) > 0).all()
+    price.multiplier = -1.0  # over budget: keeping everything is rewarded
+    assert (price.keep_margins(loss_increase, price_weight) > 0).all()
 
 
 def test_router_fit_weighs_rows_by_what_a_wrong_decision_costs():
     """Four near-ties say skip, one row that skipping ruins says keep: a fit that counts rows equally skips, the
     margin-weighted fit keeps."""
     model = LayerRouteModel.from_base(tiny_qwen2())
-    budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss")
-    budget.multiplier = 1.0
+    price, memory = Price(0.1, 1.0), SkipCostMemory(model.num_layers, "loss")
+    price.multiplier = 1.0
     hidden = model.routers[0].proj.in_features
-    budget.memory[0] = {"features": torch.zeros(5, hidden), "price_weight": torch.full((5,), 0.1),
+    memory.blocks[0] = {"features": torch.zeros(5, hidden), "price_weight": torch.full((5,), 0.1),
                         "loss_increase": torch.tensor([0.099, 0.099, 0.099, 0.099, 0.6])}
     router = model.routers[0].proj
     with torch.no_grad():
         router.bias.zero_()
     optimizer = torch.optim.SGD(router.parameters(), lr=1.0)
     for _ in range(200):
-        budget.router_loss(model).backward()
+        router_loss(model, memory, price).backward()
         optimizer.step()
         optimizer.zero_grad()
     assert router.bias.item() > 0  # keep: the one costly row outweighs four near-free ones
@@ -172,27 +176,27 @@ def test_router_fit_weighs_rows_by_what_a_wrong_decision_costs():
 def test_routers_learn_from_remembered_skip_costs():
     torch.manual_seed(0)
     model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
-    budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss", memory_size=6)
+    price, memory = Price(0.1, 1.0), SkipCostMemory(model.num_layers, "loss", size=6)
     batch = collate(examples(count=4), pad_token_id=0)
-    budget.measure(model, batch, *probed_forward(model, batch), [1, 3])
-    assert [m is not None for m in budget.memory] == [False, True, False, True]
-    assert budget.memory[1]["features"].shape == (4, 64)
-    budget.router_loss(model).backward()
+    memory.measure(model, batch, *probed_forward(model, batch), [1, 3])
+    assert [m is not None for m in memory.blocks] == [False, True, False, True]
+    assert memory.blocks[1]["features"].shape == (4, 64)
+    router_loss(model, memory, price).backward()
     assert model.routers[1].proj.weight.grad.abs().sum() > 0 and model.routers[0].proj.weight.grad is None
     for _ in range(2):
-        budget.measure(model, batch, *probed_forward(model, batch), [1])
-    assert budget.memory[1]["features"].shape == (6, 64)  # the newest rows only
+        memory.measure(model, batch, *probed_forward(model, batch), [1])
+    assert memory.blocks[1]["features"].shape == (6, 64)  # the newest rows only
 
 
 def test_refit_reads_remembered_steps_through_the_current_lora_and_holds_the_budget_on_them():
     torch.manual_seed(0)
     model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
     data = examples(count=8)
-    budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss")
+    price, memory = Price(0.1, 1.0), SkipCostMemory(model.num_layers, "loss")
     for step, rows in enumerate(([5, 2, 7, 0], [2, 6, 1, 3])):
         batch = collate([data[i] for i in rows], pad_token_id=0)
-        budget.measure(model, batch, *probed_forward(model, batch), [step, 2], example_ids=torch.tensor(rows))
-    remembered = budget.remembered_examples()
+        memory.measure(model, batch, *probed_forward(model, batch), [step, 2], example_ids=torch.tensor(rows))
+    remembered = memory.remembered_examples()
     assert remembered == [0, 1, 2, 3, 5, 6, 7]
     with torch.no_grad():  # LoRA moves what the routers read
         for name, parameter in model.named_parameters():
@@ -200,27 +204,27 @@ def test_refit_reads_remembered_steps_through_the_current_lora_and_holds_the_bud
                 parameter.normal_(std=0.5)
     features = read_router_features(model, [data[i] for i in remembered], pad_token_id=0)
     assert features.shape == (7, model.num_layers, 64)
-    budget.reread(remembered, features)
+    memory.reread(remembered, features)
     rows_of_block_2 = [remembered.index(i) for i in (5, 2, 7, 0, 2, 6, 1, 3)]  # block 2 was measured at both steps
-    torch.testing.assert_close(budget.memory[2]["features"], features[rows_of_block_2, 2])
+    torch.testing.assert_close(memory.blocks[2]["features"], features[rows_of_block_2, 2])
     with torch.no_grad():  # the same features as a forward over the whole step (targets included) reads
         batch = collate([data[i] for i in remembered], pad_token_id=0)
         torch.testing.assert_close(model.eval()(**batch, record_router_features=True).router_features, features)
 
     tokens = torch.tensor([len(data[i].context_ids) + len(data[i].target_ids) for i in remembered])
     optimizer = torch.optim.AdamW([p for r in model.routers for p in r.parameters()], lr=1e-1)
-    share = budget.refit_routers(model, optimizer, features, tokens, rounds=60, steps=5)
-    assert budget.multiplier != 0.0  # the price moved with the gap
-    assert abs(share - budget.target) < 0.1
+    share = refit_routers_holding_the_budget(model, memory, price, optimizer, features, tokens, rounds=60, steps=5)
+    assert price.multiplier != 0.0  # the price moved with the gap
+    assert abs(share - price.target) < 0.1
 
 
 def test_rows_measured_without_example_ids_cannot_be_reread():
     model = LayerRouteModel.from_base(tiny_qwen2()).train()
-    budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss")
+    memory = SkipCostMemory(model.num_layers, "loss")
     batch = collate(examples(count=2), pad_token_id=0)
-    budget.measure(model, batch, *probed_forward(model, batch), [0])
+    memory.measure(model, batch, *probed_forward(model, batch), [0])
     with pytest.raises(ValueError, match="example_ids"):
-        budget.remembered_examples()
+        memory.remembered_examples()
 
 
 def test_bf16_probes_measure_what_fp32_probes_measure():
@@ -230,9 +234,9 @@ def test_bf16_probes_measure_what_fp32_probes_measure():
     out, probes = probed_forward(model, batch)
     measured = {}
     for dtype in (None, torch.bfloat16):
-        budget = SkipBudget(model.num_layers, 0.1, 1.0, skip_cost="loss", probe_dtype=dtype)
-        budget.measure(model, batch, out, probes, [0, 2])
-        measured[dtype] = torch.stack([budget.memory[b]["loss_increase"] for b in (0, 2)])
+        memory = SkipCostMemory(model.num_layers, "loss", probe_dtype=dtype)
+        memory.measure(model, batch, out, probes, [0, 2])
+        measured[dtype] = torch.stack([memory.blocks[b]["loss_increase"] for b in (0, 2)])
     reference = measured[None]
     assert reference.abs().mean() > 0.05  # the blocks matter, so agreement is not 0 == 0
     assert not torch.equal(measured[torch.bfloat16], reference)  # measured in bf16 indeed
@@ -303,30 +307,30 @@ def test_collate_masks_context_and_target():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
 
 
-def test_budget_multiplier_tracks_the_gap_both_ways():
-    budget = SkipBudget(4, target_skip_rate=0.2, multiplier_step_size=10.0, skip_cost="kl")
-    budget.update(0.0)
-    assert budget.multiplier == pytest.approx(2.0)
-    budget.update(0.5)
-    assert budget.multiplier == pytest.approx(-1.0)  # over budget: keeping blocks is rewarded
+def test_price_tracks_the_gap_both_ways():
+    price = Price(target_skip_rate=0.2, multiplier_step_size=10.0)
+    price.update(0.0)
+    assert price.multiplier == pytest.approx(2.0)
+    price.update(0.5)
+    assert price.multiplier == pytest.approx(-1.0)  # over budget: keeping blocks is rewarded
 
 
 def test_uncertain_probe_selection_measures_blocks_whose_rows_split_most_often():
-    budget = SkipBudget(3, 0.1, 1.0, skip_cost="kl")
-    budget.multiplier = 1.0
+    price, memory = Price(0.1, 1.0), SkipCostMemory(3, "kl")
+    price.multiplier = 1.0
     price_weight = torch.full((20,), 0.1)  # price 0.1 per row
-    budget.memory[0] = {"features": torch.zeros(20, 4), "price_weight": price_weight,
+    memory.blocks[0] = {"features": torch.zeros(20, 4), "price_weight": price_weight,
                         "loss_increase": torch.full((20,), 5.0)}  # never worth skipping
-    budget.memory[1] = {"features": torch.zeros(20, 4), "price_weight": price_weight,
+    memory.blocks[1] = {"features": torch.zeros(20, 4), "price_weight": price_weight,
                         "loss_increase": torch.tensor([0.01, 5.0] * 10)}  # half the rows worth skipping
-    weights = budget.probe_weights()
+    weights = probe_weights(memory, price)
     assert weights[1] > 4 * weights[0]
     assert weights[2] == weights.max()  # never measured
     draws = [probed_blocks(3, 1, seed=0, step=step, weights=weights)[0] for step in range(600)]
     assert draws.count(1) > 3 * draws.count(0)
     assert probed_blocks(3, 2, seed=5, step=9, weights=weights) == probed_blocks(3, 2, seed=5, step=9, weights=weights)
-    budget.multiplier = 100.0  # now every row of block 0 is worth skipping: nothing left to learn there either
-    assert budget.probe_weights()[0] == pytest.approx(weights[0])
+    price.multiplier = 100.0  # now every row of block 0 is worth skipping: nothing left to learn there either
+    assert probe_weights(memory, price)[0] == pytest.approx(weights[0])
 
 
 def test_batches_resume_mid_epoch():

@@ -52,14 +52,16 @@ from layerroute.model import ADAPTER_CONFIG  # noqa: E402
 from layerroute.recipe import TrainingConfig, joint_step, lora_step, refit_routers, warmup_step  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
 from layerroute.training import (  # noqa: E402
+    Price,
     RouterAnchor,
-    SkipBudget,
+    SkipCostMemory,
     batches,
     block_influence,
     build_examples,
     collate,
     fix_routes,
     probe_dtype,
+    probe_weights,
     probed_blocks,
 )
 
@@ -127,14 +129,15 @@ def parse_args(argv=None) -> tuple[TrainingConfig, argparse.Namespace]:
     return config, run
 
 
-def save_checkpoint(directory: Path, model, optimizers, schedulers, budget, anchor, step: int,
+def save_checkpoint(directory: Path, model, optimizers, schedulers, price, memory, anchor, step: int,
                     config: TrainingConfig) -> None:
-    """Adapter + optimizers + schedulers + budget + anchor + step, replacing the checkpoint as a whole
+    """Adapter + optimizers + schedulers + price + skip-cost memory + anchor + step, replacing the checkpoint as a whole
     (:func:`layerroute.checkpoints.replace_directory`): killed at any point, or out of disk, the run keeps its last
     complete checkpoint."""
     state = io.BytesIO()  # serialised in memory, so that a full disk fails as an OSError of the write below
     torch.save({"optimizers": [o.state_dict() for o in optimizers], "schedulers": [s.state_dict() for s in schedulers],
-                "budget": budget.state_dict(), "anchor": anchor.state_dict(), "step": step}, state)
+                "price": price.state_dict(), "skip_costs": memory.state_dict(), "anchor": anchor.state_dict(),
+                "step": step}, state)
 
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
@@ -256,8 +259,8 @@ def main(argv=None) -> int:
     if routers and not config.router_warmup:  # in a warm-up the routers follow the moving price at a steady rate
         schedulers.append(warmup_cosine(optimizers[1], config.steps))
     anchor = RouterAnchor(model.num_layers, model.shape.block.hidden_size)
-    budget = SkipBudget(model.num_layers, config.target_skip_rate, config.multiplier_step_size,
-                        skip_cost=config.skip_cost, probe_dtype=probe_dtype(config.probe_precision, accelerator.device))
+    price = Price(config.target_skip_rate, config.multiplier_step_size)
+    memory = SkipCostMemory(model.num_layers, config.skip_cost, probe_dtype(config.probe_precision, accelerator.device))
     start = 0
     if run.resume:
         state = torch.load(checkpoint / "training_state.pt", weights_only=True)
@@ -265,7 +268,8 @@ def main(argv=None) -> int:
             optimizer.load_state_dict(saved)
         for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(saved)
-        budget.load_state_dict(state["budget"])
+        price.load_state_dict(state["price"])
+        memory.load_state_dict(state["skip_costs"])
         anchor.load_state_dict(state["anchor"])
         start = state["step"]
         accelerator.print(f"resuming {output} at step {start}")
@@ -303,14 +307,14 @@ def main(argv=None) -> int:
         return indices, batch, torch.tensor(indices, device=accelerator.device)
 
     def blocks_to_probe(step: int) -> list[int]:
-        weights = budget.probe_weights() if config.probe_selection == "uncertain" else None
+        weights = probe_weights(memory, price) if config.probe_selection == "uncertain" else None
         return probed_blocks(unwrapped.num_layers, config.skip_cost_blocks, config.seed, step, weights)
 
     def log_and_checkpoint(step: int, indices: list[int], outcome, began: float, bar) -> bool:
         """Write the step's metrics, checkpoint when due or interrupted; true when the run must stop."""
         record = {"step": step + 1, "loss": outcome.loss.item(), "lm_loss": outcome.output.loss.item(),
                   "router_loss": outcome.router_loss.item(), "skip_rate": outcome.blocks_skipped,
-                  "flops_skip_share": outcome.flops_skipped, "multiplier": budget.multiplier,
+                  "flops_skip_share": outcome.flops_skipped, "multiplier": price.multiplier,
                   "lr": schedulers[0].get_last_lr()[0], "seconds": time.perf_counter() - began,
                   # read after the step, for the report only (this process's rows)
                   "skip_rate_by_type": skip_rate_by_type(outcome.output.keep,
@@ -321,7 +325,7 @@ def main(argv=None) -> int:
         bar.set_postfix(loss=f"{record['lm_loss']:.3f}", skip=f"{outcome.blocks_skipped:.1%}")
         done = step + 1
         if accelerator.is_main_process and (done % run.checkpoint_every == 0 or done == total_steps or interrupted):
-            save_checkpoint(checkpoint, unwrapped, optimizers, schedulers, budget, anchor, done, config)
+            save_checkpoint(checkpoint, unwrapped, optimizers, schedulers, price, memory, anchor, done, config)
         if interrupted:
             accelerator.print(f"\ninterrupted at step {done}; resume with: python training/finetune.py "
                               f"--output {output} --resume")
@@ -332,7 +336,7 @@ def main(argv=None) -> int:
     for step in bar:
         indices, batch, example_ids = next_batch()
         began = time.perf_counter()
-        outcome = warmup_step(accelerator, model, batch, budget, anchor, optimizers[1], blocks_to_probe(step),
+        outcome = warmup_step(accelerator, model, batch, price, memory, anchor, optimizers[1], blocks_to_probe(step),
                               config.router_fit_steps, example_ids)
         if log_and_checkpoint(step, indices, outcome, began, bar):
             return 130
@@ -347,7 +351,7 @@ def main(argv=None) -> int:
         indices, batch, example_ids = next_batch()
         began = time.perf_counter()
         if config.learns_routes and not config.router_warmup:
-            outcome = joint_step(accelerator, model, batch, budget, optimizers[0], optimizers[1],
+            outcome = joint_step(accelerator, model, batch, price, memory, optimizers[0], optimizers[1],
                                  blocks_to_probe(step), config.router_fit_steps, example_ids)
         else:
             outcome = lora_step(accelerator, model, batch, optimizers[0], anchor if config.router_warmup else None,
@@ -361,10 +365,10 @@ def main(argv=None) -> int:
     # the anchor undoes the shift LoRA causes in common to every step, not the rest of it: fit the routers once more
     # to the costs the warm-up measured, reading those steps through the trained LoRA
     if config.router_warmup and config.steps and config.router_refit_rounds:
-        count, share = refit_routers(unwrapped, budget, optimizers[1], train.examples, tokenizer.pad_token_id,
+        count, share = refit_routers(unwrapped, price, memory, optimizers[1], train.examples, tokenizer.pad_token_id,
                                      config.batch_size, config.router_refit_rounds, config.router_fit_steps)
         accelerator.print(f"routers refitted on {count} remembered steps read through the trained LoRA: "
-                          f"price {budget.multiplier:.3f}, {share:.1%} of their block FLOPs skipped")
+                          f"price {price.multiplier:.3f}, {share:.1%} of their block FLOPs skipped")
 
     # ---------------------------------------------------------------- do-no-harm routing
     if config.learns_routes and config.familiarity_quantile:
