@@ -1,8 +1,8 @@
 """Which skip cost tells tool calls from planning steps? The KL divergence against the reference tokens' loss.
 
 Measures, for sampled training steps and every block, what skipping that block alone costs each step, both ways
-``layerroute.skip_costs.skip_costs`` can (``--skip-cost kl`` and ``loss`` in ``training/finetune.py``), with every other
-block running. Then takes the decisions a perfect router would take from each measurement at a FLOP budget, as the
+``layerroute.skip_costs.skip_costs`` can (``--skip-cost kl`` and ``loss`` in ``training/finetune.py``), with every
+other block running. Then takes the decisions a perfect router would take from each measurement at a FLOP budget, as the
 training budget prices them: skip a block for a step where its cost per token of the step is below a price, the
 price set so that the skipped blocks hold the budget's share of the steps' block FLOPs. Step types are used only to
 report the decisions.
