@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.logging import get_logger
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
@@ -48,6 +49,7 @@ from layerroute.checkpoints import recover_directory, replace_directory  # noqa:
 from layerroute.errors import ENVIRONMENT_ERRNOS, MissingInputError, UserError, command, user_input  # noqa: E402
 from layerroute.evaluation import routing_report, write_training_report  # noqa: E402
 from layerroute.familiarity import fit_familiarity  # noqa: E402
+from layerroute.logs import add_log_level_argument, configure_logging  # noqa: E402
 from layerroute.model import ADAPTER_CONFIG  # noqa: E402
 from layerroute.recipe import TrainingConfig, joint_step, lora_step, refit_routers, warmup_step  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
@@ -65,6 +67,8 @@ from layerroute.training import (  # noqa: E402
     probed_blocks,
 )
 
+# progress and diagnostics go to stderr through logging, from the main process only; stdout keeps the JSON summary
+logger = get_logger("layerroute.finetune")
 CORPUS = ROOT / "training" / "data" / "corpus"
 PRESETS = ROOT / "training" / "presets"
 # the TrainingConfig fields shown in --help (the others are flags too, for research)
@@ -111,6 +115,7 @@ def parse_args(argv=None) -> tuple[TrainingConfig, argparse.Namespace]:
     parser.add_argument("--checkpoint-every", type=int, default=25)
     parser.add_argument("--report-steps", type=int, default=120, help="held-out steps in the final routing report")
     parser.add_argument("--on-bad-record", choices=("raise", "skip"), default="raise")
+    add_log_level_argument(parser)
     parser.epilog = textwrap.fill("research settings (layerroute.recipe.TrainingConfig documents them; the presets "
                                   "set them): " + " ".join(research), width=100)
     args = parser.parse_args(argv)
@@ -193,6 +198,7 @@ def skip_rate_by_type(keep: torch.Tensor, step_types: list[str]) -> dict[str, fl
 @command("finetune")
 def main(argv=None) -> int:
     config, run = parse_args(argv)
+    configure_logging(run.log_level)
     # after a router warm-up the routers' weights are frozen mid-run, so DDP must not wait for their gradients
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
                               kwargs_handlers=[DistributedDataParallelKwargs(
@@ -223,7 +229,7 @@ def main(argv=None) -> int:
     read, validation = (read_sources(s, on_bad_record=run.on_bad_record) for s in (sources, validation_sources))
     for logs, result in ((sources, read), (validation_sources, validation)):
         if result.skipped:
-            accelerator.print(f"skipped {len(result.skipped)} unreadable records of {logs}: {result.skipped_summary()}")
+            logger.warning(f"skipped {len(result.skipped)} unreadable records of {logs}: {result.skipped_summary()}")
         if not result.traces:
             raise UserError(f"no traces in {logs}")
     with user_input("--model"):
@@ -232,7 +238,7 @@ def main(argv=None) -> int:
         train = build_examples(read.traces, tokenizer, config.max_length, config.max_target_length)
     with user_input("--validation-data"):
         held_out = build_examples(validation.traces, tokenizer, config.max_length, config.max_target_length)
-    accelerator.print(f"training steps by type (reporting only): {train.counts()}; dropped: {dict(train.dropped)}")
+    logger.info(f"training steps by type (reporting only): {train.counts()}; dropped: {dict(train.dropped)}")
 
     # ---------------------------------------------------------------- model and optimisers
     if run.resume:
@@ -245,7 +251,7 @@ def main(argv=None) -> int:
         influence = block_influence(model, probe, tokenizer.pad_token_id)
         pruned = sorted(influence.argsort()[: config.static_prune].tolist())
         fix_routes(model, pruned)
-        accelerator.print(f"static pruning: blocks {pruned} deleted for every step (influence "
+        logger.info(f"static pruning: blocks {pruned} deleted for every step (influence "
                           + " ".join(f"{v:.3f}" for v in influence.tolist()) + ")")
     if not config.learns_routes:
         for router in model.routers:
@@ -272,7 +278,7 @@ def main(argv=None) -> int:
         memory.load_state_dict(state["skip_costs"])
         anchor.load_state_dict(state["anchor"])
         start = state["step"]
-        accelerator.print(f"resuming {output} at step {start}")
+        logger.info(f"resuming {output} at step {start}")
     model, *optimizers = accelerator.prepare(model, *optimizers)
     unwrapped = accelerator.unwrap_model(model)
     model.train()
@@ -327,7 +333,7 @@ def main(argv=None) -> int:
         if accelerator.is_main_process and (done % run.checkpoint_every == 0 or done == total_steps or interrupted):
             save_checkpoint(checkpoint, unwrapped, optimizers, schedulers, price, memory, anchor, done, config)
         if interrupted:
-            accelerator.print(f"\ninterrupted at step {done}; resume with: python training/finetune.py "
+            logger.warning(f"interrupted at step {done}; resume with: python training/finetune.py "
                               f"--output {output} --resume")
         return interrupted
 
@@ -367,7 +373,7 @@ def main(argv=None) -> int:
     if config.router_warmup and config.steps and config.router_refit_rounds:
         count, share = refit_routers(unwrapped, price, memory, optimizers[1], train.examples, tokenizer.pad_token_id,
                                      config.batch_size, config.router_refit_rounds, config.router_fit_steps)
-        accelerator.print(f"routers refitted on {count} remembered steps read through the trained LoRA: "
+        logger.info(f"routers refitted on {count} remembered steps read through the trained LoRA: "
                           f"price {price.multiplier:.3f}, {share:.1%} of their block FLOPs skipped")
 
     # ---------------------------------------------------------------- do-no-harm routing
@@ -376,7 +382,7 @@ def main(argv=None) -> int:
                                                   min(config.familiarity_steps, len(train.examples)))
         fit_familiarity(unwrapped, [train.examples[i] for i in drawn], tokenizer.pad_token_id,
                         config.familiarity_quantile, config.batch_size)
-        accelerator.print(f"familiar regions fitted on {len(drawn)} training steps (quantile "
+        logger.info(f"familiar regions fitted on {len(drawn)} training steps (quantile "
                           f"{config.familiarity_quantile})")
 
     # ---------------------------------------------------------------- adapter and report
@@ -387,7 +393,7 @@ def main(argv=None) -> int:
         summary = {kind: {k: v for k, v in values.items() if k != "block_skip_rate"}
                    for kind, values in report["by_step_type"].items()}
         accelerator.print(json.dumps(summary, indent=2))
-        accelerator.print(f"adapter and report written to {output}")
+        logger.info(f"adapter and report written to {output}")
     return 0
 
 
