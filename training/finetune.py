@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -37,7 +38,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.logging import get_logger
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
@@ -68,7 +68,7 @@ from layerroute.training import (  # noqa: E402
 )
 
 # progress and diagnostics go to stderr through logging, from the main process only; stdout keeps the JSON summary
-logger = get_logger("layerroute.finetune")
+logger = logging.getLogger("layerroute.finetune")
 CORPUS = ROOT / "training" / "data" / "corpus"
 PRESETS = ROOT / "training" / "presets"
 # the TrainingConfig fields shown in --help (the others are flags too, for research)
@@ -203,6 +203,7 @@ def main(argv=None) -> int:
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
                               kwargs_handlers=[DistributedDataParallelKwargs(
                                   find_unused_parameters=bool(config.router_warmup))])
+    logger.disabled = not accelerator.is_main_process
     torch.manual_seed(config.seed)
     output, checkpoint = run.output, run.output / "checkpoint"
     if output.exists() and not output.is_dir():
