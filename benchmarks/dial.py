@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from collections import defaultdict
@@ -51,6 +50,7 @@ from layerroute.config import check_skip_threshold  # noqa: E402
 from layerroute.evaluation import (  # noqa: E402
     across_sources,
     agent_quality,
+    cases_by_type,
     paired_difference,
     perplexity,
     quality_summary,
@@ -62,7 +62,7 @@ from layerroute.familiarity import familiarity_ignored  # noqa: E402
 from layerroute.grammar import DecodingGrammars  # noqa: E402
 from layerroute.loading import load_base_model  # noqa: E402
 from layerroute.model import ADAPTER_CONFIG, FINGERPRINT_ROWS  # noqa: E402
-from layerroute.steps import STEP_TYPES, tokenize_step, trace_steps  # noqa: E402
+from layerroute.steps import STEP_TYPES, trace_steps  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
 
 SHIPPED = ROOT / "layerroute" / "adapters" / "smollm2-135m-instruct"
@@ -118,15 +118,7 @@ def main(argv=None) -> int:
     base, tokenizer = load_base_model(recorded["name_or_path"])
     model = LayerRouteModel.from_pretrained(args.adapter, base_model=base).eval()
     steps = [s for t in read_sources(args.data).traces for s in trace_steps(t)]
-    random.Random(args.seed).shuffle(steps)
-    cases: dict[str, list] = {kind: [] for kind in STEP_TYPES}
-    over_budget = defaultdict(int)
-    for step in steps:
-        try:
-            cases[step.step_type].append((step, tokenize_step(step, tokenizer, args.max_length,
-                                                              args.max_target_length)))
-        except ValueError:  # over the context budget
-            over_budget[step.step_type] += 1
+    cases, over_budget = cases_by_type(steps, tokenizer, args.max_length, args.max_target_length, args.seed)
     chosen = {kind: across_sources(cases[kind], args.steps_per_type) for kind in STEP_TYPES}
     examples = [example for kind in STEP_TYPES for _, example in chosen[kind]]
     if not examples:

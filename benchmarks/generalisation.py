@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteModel  # noqa: E402
+from layerroute.adapter_files import read_adapter_config  # noqa: E402
 from layerroute.evaluation import perplexity, perplexity_by_source, routing_summary, scored_steps  # noqa: E402
 from layerroute.familiarity import familiarity_ignored  # noqa: E402
 from layerroute.loading import load_base_model  # noqa: E402
-from layerroute.model import ADAPTER_CONFIG  # noqa: E402
+from layerroute.model import ADAPTER_CONFIG, FINGERPRINT_ROWS  # noqa: E402
 from layerroute.steps import STEP_TYPES, tokenize_step, trace_steps  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
 
@@ -53,8 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON result here")
     args = parser.parse_args(argv)
 
-    recorded = json.loads((args.adapter / ADAPTER_CONFIG).read_text())["base_model"]["name_or_path"]
-    base, tokenizer = load_base_model(recorded)
+    _, recorded = read_adapter_config(args.adapter / ADAPTER_CONFIG, FINGERPRINT_ROWS)
+    base, tokenizer = load_base_model(recorded["name_or_path"])
     model = LayerRouteModel.from_pretrained(args.adapter, base_model=base).eval()
     steps = [s for t in read_sources(args.data).traces for s in trace_steps(t)]
     random.Random(args.seed).shuffle(steps)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import statistics
 import time
@@ -24,7 +25,7 @@ from .extras import MissingExtraError, require
 from .flops import step_route_stats
 from .model import LayerRouteModel
 from .grammar import DecodingGrammars
-from .steps import STEP_TYPES, Step, TokenizedStep
+from .steps import STEP_TYPES, Step, TokenizedStep, tokenize_step
 from .toolcalls import parse_tool_calls, score_calls
 
 
@@ -115,6 +116,22 @@ def perplexity_by_source(records: list[dict]) -> dict[str, dict[str, float]]:
     """:func:`perplexity` per source."""
     return {source: perplexity([r for r in records if r["source"] == source])
             for source in sorted({r["source"] for r in records})}
+
+
+def cases_by_type(steps: list[Step], tokenizer, max_length: int, max_target_length: int,
+                  seed: int) -> tuple[dict[str, list[tuple[Step, TokenizedStep]]], Counter]:
+    """``steps`` shuffled by ``seed`` and tokenized (:func:`layerroute.steps.tokenize_step`), as ``(step, tokenized)``
+    pairs per step type, with the count per type of the steps over the ``max_length`` context budget (left out)."""
+    steps = list(steps)
+    random.Random(seed).shuffle(steps)
+    cases: dict[str, list] = {kind: [] for kind in STEP_TYPES}
+    over_budget = Counter()
+    for step in steps:
+        try:
+            cases[step.step_type].append((step, tokenize_step(step, tokenizer, max_length, max_target_length)))
+        except ValueError:  # over the context budget
+            over_budget[step.step_type] += 1
+    return cases, over_budget
 
 
 def across_sources(cases: list, limit: int) -> list:

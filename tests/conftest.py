@@ -70,6 +70,19 @@ def tiny_chat_dir(tmp_path_factory, smollm2):
 
 
 @pytest.fixture
+def parallel_tool_calls_asked(monkeypatch):
+    """The ``parallel_tool_calls`` of every tool-call grammar requested during the test, in order (the grammars are
+    still compiled as asked)."""
+    from layerroute.grammar import DecodingGrammars
+
+    asked = []
+    compile_tool_calls = DecodingGrammars.tool_calls
+    monkeypatch.setattr(DecodingGrammars, "tool_calls", lambda self, tools, choice, parallel=True: (
+        asked.append(parallel) or compile_tool_calls(self, tools, choice, parallel)))
+    return asked
+
+
+@pytest.fixture
 def set_routers(tiny_chat_dir):
     """``set_routers(bias, weight_std=0, pooling=None)`` gives every router of the ``tiny_chat_dir`` model's shared
     engine (``ChatLayerRoute`` and the server load it once per process) those weights, and restores them afterwards."""

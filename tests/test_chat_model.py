@@ -191,18 +191,12 @@ def test_bound_tool_calls_follow_the_tool_schema_even_from_a_random_model(tiny_c
         assert message.response_metadata["layerroute"]["step_type"] == "tool_call"
 
 
-def test_parallel_tool_calls_reaches_the_grammar(tiny_chat_dir, monkeypatch):
+def test_parallel_tool_calls_reaches_the_grammar(tiny_chat_dir, parallel_tool_calls_asked):
     # what the grammar then allows is tested in test_grammar.py; a random model never writes a second call anyway
-    from layerroute.grammar import DecodingGrammars
-
-    asked = []
-    compile_tool_calls = DecodingGrammars.tool_calls
-    monkeypatch.setattr(DecodingGrammars, "tool_calls", lambda self, tools, choice, parallel=True: (
-        asked.append(parallel) or compile_tool_calls(self, tools, choice, parallel)))
     llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=40)
     llm.bind_tools([set_mode], tool_choice="any", parallel_tool_calls=False).invoke("Lights off")
     llm.bind_tools([set_mode], tool_choice="any").invoke("Lights off")
-    assert asked == [False, True]
+    assert parallel_tool_calls_asked == [False, True]
 
 
 def test_tool_choice_none_never_calls(tiny_chat_dir):

@@ -102,16 +102,10 @@ def test_tools_and_tool_choice_give_openai_tool_calls(client):
     assert "<tool_call>" not in none["choices"][0]["message"]["content"]
 
 
-def test_parallel_tool_calls_reaches_the_grammar(client, monkeypatch):
-    from layerroute.grammar import DecodingGrammars
-
-    asked = []
-    compile_tool_calls = DecodingGrammars.tool_calls
-    monkeypatch.setattr(DecodingGrammars, "tool_calls", lambda self, tools, choice, parallel=True: (
-        asked.append(parallel) or compile_tool_calls(self, tools, choice, parallel)))
+def test_parallel_tool_calls_reaches_the_grammar(client, parallel_tool_calls_asked):
     for body in ({"parallel_tool_calls": False}, {}):
         assert chat(client, "Weather in Oslo?", tools=[WEATHER], **body).status_code == 200
-    assert asked == [False, True]
+    assert parallel_tool_calls_asked == [False, True]
 
 
 def test_tool_results_in_the_history_render(client):

@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import sys
-from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteModel, load_base_model  # noqa: E402
+from layerroute.adapter_files import read_adapter_config  # noqa: E402
 from layerroute.config import check_skip_threshold  # noqa: E402
 from layerroute.errors import MissingInputError, UserError, command, user_input  # noqa: E402
 from layerroute.evaluation import (  # noqa: E402
@@ -35,6 +34,7 @@ from layerroute.evaluation import (  # noqa: E402
     across_sources,
     agent_quality,
     answers_after_tool_results,
+    cases_by_type,
     paired_difference,
     perplexity,
     perplexity_by_source,
@@ -44,9 +44,8 @@ from layerroute.evaluation import (  # noqa: E402
     wall_clock_by_type,
 )
 from layerroute.grammar import DecodingGrammars  # noqa: E402
-from layerroute.adapter_files import read_adapter_config  # noqa: E402
 from layerroute.model import ADAPTER_CONFIG, FINGERPRINT_ROWS  # noqa: E402
-from layerroute.steps import STEP_TYPES, tokenize_step, trace_steps  # noqa: E402
+from layerroute.steps import STEP_TYPES, trace_steps  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
 
 
@@ -108,15 +107,7 @@ def main(argv=None) -> int:
                 baselines[name] = LayerRouteModel.from_pretrained(adapters[flag], base_model=copy.deepcopy(base)).eval()
     with user_input(f"--adapter {args.adapter}"):
         model = LayerRouteModel.from_pretrained(args.adapter, base_model=base).eval()
-    random.Random(args.seed).shuffle(steps)
-    cases: dict[str, list] = {kind: [] for kind in STEP_TYPES}
-    over_budget = Counter()
-    for step in steps:
-        try:
-            cases[step.step_type].append((step, tokenize_step(step, tokenizer, args.max_length,
-                                                              args.max_target_length)))
-        except ValueError:
-            over_budget[step.step_type] += 1
+    cases, over_budget = cases_by_type(steps, tokenizer, args.max_length, args.max_target_length, args.seed)
     every = [example for kind in STEP_TYPES for _, example in across_sources(cases[kind], args.max_steps)]
     answers = [case for case in cases["planning"] if answers_after_tool_results(case[0])]
     generated = across_sources(cases["tool_call"], args.generation_steps) + across_sources(answers, args.answer_steps)
