@@ -3,7 +3,8 @@
     python benchmarks/dial.py --plot dial.png --output dial.json    # shipped adapter, corpus test split: ~10 min
     python benchmarks/dial.py --steps-per-type 150 --generation-steps 60 --routers-alone --plot dial.png
         # the sample that separates neighbouring settings, argument match included: a few hours on 2 CPU cores
-    python benchmarks/dial.py --data training/data/heldout/*.jsonl.gz --plot dial-heldout.png   # never trained on
+    python benchmarks/dial.py --adapter runs/generalisation/cpu-seed0/glaive+reason/adapter \
+        --data runs/generalisation/cpu-seed0/glaive+reason/held_out.jsonl.gz   # a fold, on the sources it never saw
     python benchmarks/dial.py --adapter runs/mine --thresholds 0.05,0.1,0.3,0.5
 
 A block runs when its router's keep probability is above the threshold (``skip_threshold``): a lower threshold
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", type=Path, default=SHIPPED, help="adapter directory (default: the shipped one)")
     parser.add_argument("--data", nargs="+", default=[str(TEST_SPLIT)],
-                        help="agent traces (default: the corpus test split), e.g. training/data/heldout/*.jsonl.gz")
+                        help="agent traces (default: the corpus test split)")
     parser.add_argument("--thresholds", type=parse_thresholds, default=DEFAULT_THRESHOLDS,
                         help="skip thresholds, comma-separated (the adapter's router_threshold is always added)")
     parser.add_argument("--routers-alone", action="store_true",
