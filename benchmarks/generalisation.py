@@ -101,7 +101,9 @@ def main(argv=None) -> int:
     for adapter in args.adapter:
         if not (adapter / ADAPTER_CONFIG).is_file():
             raise UserError(f"--adapter {adapter} is not a LayerRoute adapter directory (it has no {ADAPTER_CONFIG})")
-    fold_adapters = {name: train_fold(name, sources, splits, args) for name, sources in folds.items()}
+    held_out = {name: [t for traces in splits.values() for t in traces if t.source in sources]
+                for name, sources in folds.items()}
+    fold_adapters = {name: train_fold(name, sources, splits, held_out[name], args) for name, sources in folds.items()}
 
     _, recorded = read_adapter_config(args.adapter[0] / ADAPTER_CONFIG, FINGERPRINT_ROWS)
     base, tokenizer = load_base_model(recorded["name_or_path"])
@@ -111,9 +113,8 @@ def main(argv=None) -> int:
     for adapter in args.adapter:
         result["in_distribution"][str(adapter)] = evaluate(adapter, base, test_examples)
     for name, adapter in fold_adapters.items():
-        held_out = [t for traces in splits.values() for t in traces if t.source in folds[name]]
         result["folds"][name] = {"held_out": list(folds[name]), "adapter": str(adapter),
-                                 **evaluate(adapter, base, examples_of(held_out, tokenizer, args))}
+                                 **evaluate(adapter, base, examples_of(held_out[name], tokenizer, args))}
     result["summary"] = summarise(result)
     print(markdown(result))
     if args.output:
@@ -121,11 +122,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def train_fold(name: str, held_out: tuple[str, ...], splits: dict, args) -> Path:
+def train_fold(name: str, held_out: tuple[str, ...], splits: dict, held_out_traces: list, args) -> Path:
     """The fold's adapter: ``finetune.py`` on the traces of the other sources, run (or resumed) in ``--work``."""
     directory = args.work / f"{args.preset}-seed{args.seed}" / name
     data = {split: [t for t in splits[split] if t.source not in held_out] for split in ("train", "validation")}
-    data["held_out"] = [t for traces in splits.values() for t in traces if t.source in held_out]
+    data["held_out"] = held_out_traces
     for split in ("train", "validation"):
         if not data[split]:
             raise UserError(f"--fold {name} holds out every source of --{split}; nothing is left to train on")
@@ -187,6 +188,8 @@ def evaluate(adapter: Path, base, examples: list) -> dict:
 def table(scored: dict[str, list[dict]], num_layers: int, chosen) -> dict:
     rows = {name: [r for r in records if chosen(r)] for name, records in scored.items()}
     base, full = perplexity(rows["base"]), perplexity(rows["full depth"])
+    skipped = {name: routing_summary(rows[name], num_layers)["by_step_type"] for name in SETTINGS}
+    routed = {name: perplexity(rows[name]) for name in SETTINGS}
     entry = {}
     for kind in STEP_TYPES:
         if kind not in full:
@@ -194,10 +197,9 @@ def table(scored: dict[str, list[dict]], num_layers: int, chosen) -> dict:
         entry[kind] = {"steps": sum(r["step_type"] == kind for r in rows["full depth"]),
                        "perplexity_base": base[kind], "perplexity_full_depth": full[kind]}
         for name in SETTINGS:
-            skipped = routing_summary(rows[name], num_layers)["by_step_type"][kind]["flops_skipped_frac"]
-            routed = perplexity(rows[name])[kind]
-            entry[kind][name] = {"flops_skipped_frac": skipped, "perplexity_routed": routed,
-                                 "skip_cost": routed / full[kind] - 1}
+            entry[kind][name] = {"flops_skipped_frac": skipped[name][kind]["flops_skipped_frac"],
+                                 "perplexity_routed": routed[name][kind],
+                                 "skip_cost": routed[name][kind] / full[kind] - 1}
     if len(entry) == 2:
         entry["differential_points"] = {name: 100 * (entry["tool_call"][name]["flops_skipped_frac"]
                                                      - entry["planning"][name]["flops_skipped_frac"])
