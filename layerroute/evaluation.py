@@ -171,7 +171,8 @@ def agent_quality(model: LayerRouteModel, tokenizer, grammars: DecodingGrammars,
     reference answer) and ``final_number_correct`` (the last number of the answer equals the reference's, when the
     reference has one). Each step may generate its reference's length plus ``extra_tokens``.
 
-    Returns one record per case, in order, so two models' records pair up step by step.
+    Returns one record per case, in order, so two models' records pair up step by step; each keeps the ``generated``
+    text, so that a wrong call can be read.
     """
     model.eval()
     records = []
@@ -188,7 +189,8 @@ def agent_quality(model: LayerRouteModel, tokenizer, grammars: DecodingGrammars,
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         parsed = parse_tool_calls(text)
         record = {"trace_id": step.trace_id, "index": step.index, "source": step.source,
-                  "step_type": step.step_type, "flops_skipped_frac": model.last_route.flops_skipped_frac}
+                  "step_type": step.step_type, "flops_skipped_frac": model.last_route.flops_skipped_frac,
+                  "generated": text}
         if step.step_type == "tool_call":
             score = score_calls(parsed, step.target["tool_calls"], step.tools)
             record.update(valid=score.valid, names_correct=score.names_correct,

@@ -30,7 +30,8 @@ def test_evaluate_reports_every_model_and_step_type(tiny_chat_dir, tmp_path, cap
     code = load_script("evaluate").main([
         "--adapter", str(tmp_path / "routed"), "--lora-only", str(tmp_path / "lora-only"),
         "--static-pruning", str(tmp_path / "static"), "--data", *data, "--max-steps", "3",
-        "--generation-steps", "2", "--timing-steps", "1", "--timing-repeats", "1"])
+        "--generation-steps", "2", "--timing-steps", "1", "--timing-repeats", "1",
+        "--records", str(tmp_path / "records.jsonl")])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["by_step_type"]) == {"tool_call", "planning"}
@@ -57,6 +58,12 @@ def test_evaluate_reports_every_model_and_step_type(tiny_chat_dir, tmp_path, cap
     clock = result["wall_clock_by_type"]
     assert set(clock) == {"tool_call", "planning"} and all(v["full_depth_s"] > 0 for v in clock.values())
     assert "| tool_call |" in (tmp_path / "routed" / "evaluation.md").read_text()
+    # every generated step is written out with what was generated, so a wrong call can be read
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    for name, summary in result["agent_quality"].items():
+        written = [r for r in records if r["model"] == name and r["step_type"] == "tool_call"]
+        assert len(written) == summary["valid"]["steps"]
+        assert all(isinstance(r["generated"], str) and "valid" in r and "error" in r for r in written)
 
 
 def test_across_sources_takes_each_source_in_turn_and_a_smaller_limit_takes_a_prefix():

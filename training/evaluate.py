@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-threshold", type=float, default=None,
                         help="decision threshold for LayerRoute's routers instead of the adapter's router_threshold "
                              "(a block runs when its keep probability is above it; lower skips less)")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="also write every generated step here, one JSON object per line: model, step, what was "
+                             "generated and its scores (the reason a call is invalid included)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--on-bad-record", choices=("raise", "skip"), default="raise")
     args = parser.parse_args(argv)
@@ -150,6 +153,10 @@ def main(argv=None) -> int:
         by_type[kind].pop("block_skip_rate")
         ppl = by_type[kind]["perplexity"] = {name: values.get(kind) for name, values in perplexities.items()}
         by_type[kind]["skip_cost"] = ppl["layerroute"] / ppl["layerroute_full_depth"] - 1
+    if args.records:
+        with args.records.open("w") as handle:
+            handle.writelines(json.dumps({"model": name, **record}, ensure_ascii=False) + "\n"
+                              for name, model_records in records.items() for record in model_records)
     result["agent_quality"] = {name: quality_summary(r) for name, r in records.items()}
     result["agent_quality_by_source"] = {
         name: {source: quality_summary([r for r in records[name] if r["source"] == source])
