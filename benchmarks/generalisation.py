@@ -28,7 +28,6 @@ import argparse
 import copy
 import gzip
 import json
-import random
 import statistics
 import subprocess
 import sys
@@ -39,12 +38,12 @@ sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteModel  # noqa: E402
 from layerroute.adapter_files import read_adapter_config  # noqa: E402
-from layerroute.errors import UserError, command  # noqa: E402
-from layerroute.evaluation import perplexity, routing_summary, scored_steps  # noqa: E402
+from layerroute.errors import MissingInputError, UserError, command  # noqa: E402
+from layerroute.evaluation import cases_by_type, perplexity, routing_summary, scored_steps  # noqa: E402
 from layerroute.familiarity import familiarity_ignored  # noqa: E402
 from layerroute.loading import load_base_model  # noqa: E402
 from layerroute.model import ADAPTER_CONFIG, FINGERPRINT_ROWS  # noqa: E402
-from layerroute.steps import STEP_TYPES, tokenize_step, trace_steps  # noqa: E402
+from layerroute.steps import STEP_TYPES, trace_steps  # noqa: E402
 from layerroute.traces import read_sources  # noqa: E402
 
 SHIPPED = ROOT / "layerroute" / "adapters" / "smollm2-135m-instruct"
@@ -100,7 +99,8 @@ def main(argv=None) -> int:
                             f"{', '.join(sorted(known))})")
     for adapter in args.adapter:
         if not (adapter / ADAPTER_CONFIG).is_file():
-            raise UserError(f"--adapter {adapter} is not a LayerRoute adapter directory (it has no {ADAPTER_CONFIG})")
+            raise MissingInputError(f"--adapter {adapter} is not a LayerRoute adapter directory "
+                                    f"(it has no {ADAPTER_CONFIG})")
     held_out = {name: [t for traces in splits.values() for t in traces if t.source in sources]
                 for name, sources in folds.items()}
     fold_adapters = {name: train_fold(name, sources, splits, held_out[name], args) for name, sources in folds.items()}
@@ -156,19 +156,9 @@ def train_fold(name: str, held_out: tuple[str, ...], splits: dict, held_out_trac
 
 def examples_of(traces: list, tokenizer, args) -> list:
     """Up to ``--steps-per-source`` steps per source and step type, drawn by ``--seed``, within ``--max-length``."""
-    steps = [s for t in traces for s in trace_steps(t)]
-    random.Random(args.seed).shuffle(steps)
-    examples, taken = [], {}
-    for step in steps:
-        key = (step.source, step.step_type)
-        if taken.get(key, 0) >= args.steps_per_source:
-            continue
-        try:
-            examples.append(tokenize_step(step, tokenizer, args.max_length, MAX_TARGET_TOKENS))
-        except ValueError:  # over the context budget
-            continue
-        taken[key] = taken.get(key, 0) + 1
-    return examples
+    cases, _ = cases_by_type([s for t in traces for s in trace_steps(t)], tokenizer, args.max_length,
+                             MAX_TARGET_TOKENS, args.seed, per_source=args.steps_per_source)
+    return [example for kind in STEP_TYPES for _, example in cases[kind]]
 
 
 def evaluate(adapter: Path, base, examples: list) -> dict:

@@ -23,8 +23,8 @@ from transformers import LogitsProcessorList
 
 from .extras import MissingExtraError, require
 from .flops import step_route_stats
-from .model import LayerRouteModel
 from .grammar import DecodingGrammars
+from .model import LayerRouteModel
 from .steps import STEP_TYPES, Step, TokenizedStep, tokenize_step
 from .toolcalls import parse_tool_calls, score_calls
 
@@ -118,19 +118,26 @@ def perplexity_by_source(records: list[dict]) -> dict[str, dict[str, float]]:
             for source in sorted({r["source"] for r in records})}
 
 
-def cases_by_type(steps: list[Step], tokenizer, max_length: int, max_target_length: int,
-                  seed: int) -> tuple[dict[str, list[tuple[Step, TokenizedStep]]], Counter]:
+def cases_by_type(steps: list[Step], tokenizer, max_length: int, max_target_length: int, seed: int,
+                  per_source: int | None = None) -> tuple[dict[str, list[tuple[Step, TokenizedStep]]], Counter]:
     """``steps`` shuffled by ``seed`` and tokenized (:func:`layerroute.steps.tokenize_step`), as ``(step, tokenized)``
-    pairs per step type, with the count per type of the steps over the ``max_length`` context budget (left out)."""
+    pairs per step type, with the count per type of the steps over the ``max_length`` context budget (left out).
+
+    With ``per_source``, at most that many steps of each source and type are taken (the first ones of the shuffle
+    that fit), and the steps after a source's cap is reached are neither tokenized nor counted."""
     steps = list(steps)
     random.Random(seed).shuffle(steps)
     cases: dict[str, list] = {kind: [] for kind in STEP_TYPES}
-    over_budget = Counter()
+    over_budget, taken = Counter(), Counter()
     for step in steps:
+        if per_source is not None and taken[step.source, step.step_type] >= per_source:
+            continue
         try:
             cases[step.step_type].append((step, tokenize_step(step, tokenizer, max_length, max_target_length)))
         except ValueError:  # over the context budget
             over_budget[step.step_type] += 1
+            continue
+        taken[step.source, step.step_type] += 1
     return cases, over_budget
 
 
