@@ -220,7 +220,7 @@ def test_what_a_user_sees_from_a_missing_model_path(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- evaluate.py
-def test_evaluate_refuses_missing_adapters_thresholds_and_data_before_loading_a_model(
+def test_evaluate_refuses_missing_adapters_thresholds_records_and_data_before_loading_a_model(
         evaluate, no_model_loads, tmp_path, capsys):
     assert evaluate.main(["--adapter", str(tmp_path / "nope"), "--data", LOG]) == 2
     assert f"--adapter {tmp_path / 'nope'} is not a LayerRoute adapter directory" in error_of(capsys, "evaluate")
@@ -230,6 +230,8 @@ def test_evaluate_refuses_missing_adapters_thresholds_and_data_before_loading_a_
     assert f"--lora-only {tmp_path / 'nope'} is not a LayerRoute adapter" in error_of(capsys, "evaluate")
     assert evaluate.main(["--adapter", str(adapter), "--data", LOG, "--skip-threshold", "1.5"]) == 2
     assert "--skip-threshold: " in error_of(capsys, "evaluate")
+    assert evaluate.main(["--adapter", str(adapter), "--data", LOG, "--records", str(tmp_path / "no" / "r.jsonl")]) == 2
+    assert f"the directory {tmp_path / 'no'} does not exist" in error_of(capsys, "evaluate")
     assert evaluate.main(["--adapter", str(adapter), "--data", str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl does not exist" in error_of(capsys, "evaluate")
     config = adapter / "layerroute_config.json"

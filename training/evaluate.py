@@ -91,6 +91,9 @@ def main(argv=None) -> int:
     for flag, path in adapters.items():
         if path is not None and not (path / ADAPTER_CONFIG).is_file():
             raise MissingInputError(f"{flag} {path} is not a LayerRoute adapter directory (it has no {ADAPTER_CONFIG})")
+    # written after an hour of generation: a directory that is not there must fail now, not then
+    if args.records is not None and not args.records.parent.is_dir():
+        raise MissingInputError(f"--records {args.records}: the directory {args.records.parent} does not exist")
     read = read_sources(args.data, on_bad_record=args.on_bad_record)
     if read.skipped:
         print(f"skipped {len(read.skipped)} unreadable records: {read.skipped_summary()}", file=sys.stderr)
