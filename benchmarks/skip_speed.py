@@ -6,6 +6,11 @@ time ratio against k = 0 next to the ideal ratio from the FLOP count. Also measu
 nothing skipped against the plain base model. LoRA is merged into the weights, as a server would run it
 (--no-merge keeps the LoRA matmuls, which cost about 20% on this model at batch 1 on CPU).
 
+At each of --batch-sizes it times the generation of a batch whose rows share one skip set of k blocks against the
+same batch at full depth, and rows that each skip their own k blocks (the spread shifted by one block per row): one
+batch executes every block some row keeps, so a server decodes such rows apart (``layerroute.batching``), and they
+are timed that way, one generation per row.
+
     python benchmarks/skip_speed.py                # embedded SmolLM2-135M, batch 1, CPU
     python benchmarks/skip_speed.py --model PATH   # any supported model (hub id, directory, .gguf)
 """
@@ -50,6 +55,11 @@ def spread(num_layers: int, k: int) -> list[int]:
     return sorted({round((i + 0.5) * num_layers / k - 0.5) for i in range(k)}) if k else []
 
 
+def shifted(blocks: list[int], by: int, num_layers: int) -> list[int]:
+    """The same number of blocks, each ``by`` blocks deeper (wrapping around): another row's skip set."""
+    return sorted((block + by) % num_layers for block in blocks)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
@@ -59,6 +69,9 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=3, help="k grows by this many blocks per row")
     parser.add_argument("--no-merge", action="store_true", help="keep LoRA unmerged")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[4, 8],
+                        help="batches (rows > 1) timed at --batch-skips; none: batch 1 only")
+    parser.add_argument("--batch-skips", type=int, nargs="+", default=[9, 21], help="k timed at every batch size")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,6 +99,16 @@ def main() -> None:
     for k, skip in skips.items():
         runs[f"{k} prefill"] = lambda skip=skip: model.generate(input_ids, forced_skip=skip, **prefill_kwargs)
         runs[f"{k} generate"] = lambda skip=skip: model.generate(input_ids, forced_skip=skip, **generate_kwargs)
+    batches = {rows: torch.randint(100, model.shape.vocab_size, (rows, args.prompt_tokens),
+                                   generator=torch.Generator().manual_seed(rows)) for rows in args.batch_sizes}
+    for rows, batch in batches.items():
+        runs[f"batch {rows} full"] = lambda batch=batch: model.generate(batch, forced_skip=(), **generate_kwargs)
+        for k in args.batch_skips:
+            runs[f"batch {rows} k {k} shared"] = lambda batch=batch, k=k: model.generate(
+                batch, forced_skip=spread(num_layers, k), **generate_kwargs)
+            runs[f"batch {rows} k {k} apart"] = lambda batch=batch, k=k: [
+                model.generate(batch[row:row + 1], forced_skip=shifted(spread(num_layers, k), row, num_layers),
+                               **generate_kwargs) for row in range(len(batch))]
 
     print(f"model={model.base_model_name_or_path} blocks={num_layers} prompt={args.prompt_tokens} "
           f"new_tokens={args.new_tokens} repeats={args.repeats} threads={torch.get_num_threads()} "
@@ -124,6 +147,23 @@ def main() -> None:
           f"{routed_generate / plain_generate - 1:+.1%} |")
     print("\n(routed = LayerRoute with its routers running and keeping every block; plain = the base model without "
           "LayerRoute)")
+    if not batches:
+        return
+    ideal = {k: 1 - route.flops_skipped_frac for k, *_, route in rows}
+    print()
+    print("| batch | k skipped | full depth ms | shared skip set ms | ratio | ideal | saving achieved | "
+          "own skip set per row, decoded apart: ms | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size in batches:
+        full = seconds[f"batch {size} full"]
+        for k in args.batch_skips:
+            shared, apart = seconds[f"batch {size} k {k} shared"], seconds[f"batch {size} k {k} apart"]
+            # the ideal at batch 1 holds for every row of the batch: same prompt length, same skip count
+            expected = ideal.get(k)
+            achieved = f"{(1 - shared / full) / (1 - expected):.0%}" if expected is not None else "-"
+            print(f"| {size} | {k} | {full * 1e3:.1f} | {shared * 1e3:.1f} | {shared / full:.3f} | "
+                  f"{'-' if expected is None else f'{expected:.3f}'} | {achieved} | {apart * 1e3:.1f} | "
+                  f"{apart / full:.3f} |")
 
 
 if __name__ == "__main__":
