@@ -97,6 +97,8 @@ def main(argv=None) -> int:
         if missing:
             raise UserError(f"--fold {name}: no trace has source {', '.join(missing)} (the data's sources: "
                             f"{', '.join(sorted(known))})")
+    if args.output is not None and not args.output.parent.is_dir():  # written after the folds' hour of training
+        raise MissingInputError(f"--output {args.output}: the directory {args.output.parent} does not exist")
     for adapter in args.adapter:
         if not (adapter / ADAPTER_CONFIG).is_file():
             raise MissingInputError(f"--adapter {adapter} is not a LayerRoute adapter directory "

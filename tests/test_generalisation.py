@@ -17,8 +17,8 @@ CORPUS = ROOT / "training" / "data" / "corpus"
 SOURCES = ("bfcl_single_turn", "gsm8k", "glaive")
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("generalisation", ROOT / "benchmarks" / "generalisation.py")
+def load_benchmark(name: str = "generalisation"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -72,6 +72,19 @@ def test_a_fold_trains_without_its_sources_and_is_evaluated_on_them(tiny_setup, 
                             "worst_planning_skip_cost", "planning_above_frozen_base"}
     assert "| summary |" in capsys.readouterr().out
 
+    # benchmarks/novelty.py probes the same fold: scores fitted on its training steps, flags on the held-out ones
+    novelty = tmp_path / "novelty.json"
+    assert load_benchmark("novelty").main([
+        str(fold), "--test", arguments[arguments.index("--test") + 1], "--fit-steps", "8", "--calibration-steps", "3",
+        "--components", "2", "--steps-per-source", "2", "--output", str(novelty)]) == 0
+    probed = json.loads(novelty.read_text())
+    assert probed["held_out"] == ["glaive"] and probed["steps"] == {"in distribution": 4, "held out": 4}
+    for quantile in probed["scores"]["subspace"].values():
+        assert 0.0 <= quantile["auroc_held_out_vs_in_distribution"] <= 1.0
+        fallback = quantile["step-level fallback"]["held out"]["planning"]
+        assert fallback["flops_skipped_frac"] <= probed["routers alone"]["held out"]["planning"]["flops_skipped_frac"]
+    assert "| mahalanobis q0.99 |" in capsys.readouterr().out
+
     # finished: reused, not trained again; asked with other finetune.py arguments: refused
     assert benchmark.main([*arguments, "--fold", "dialogues=glaive", *finetune]) == 0
     assert "training without" not in capsys.readouterr().err
@@ -84,4 +97,12 @@ def test_a_fold_of_unknown_sources_is_refused_before_training(tiny_setup, tmp_pa
     assert load_benchmark().main([*arguments, "--fold", "x=glaive,nope", *finetune]) == 2
     assert "--fold x: no trace has source nope (the data's sources: bfcl_single_turn, glaive, gsm8k)" in \
         capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
+def test_an_output_in_a_missing_directory_is_refused_before_training(tiny_setup, tmp_path, capsys):
+    arguments, finetune = tiny_setup
+    output = tmp_path / "no" / "result.json"
+    assert load_benchmark().main([*arguments, "--fold", "x=glaive", "--output", str(output), *finetune]) == 2
+    assert f"--output {output}: the directory {tmp_path / 'no'} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
