@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteModel  # noqa: E402
 from layerroute.adapter_files import read_adapter_config  # noqa: E402
-from layerroute.errors import MissingInputError, UserError, command  # noqa: E402
+from layerroute.errors import MissingInputError, UserError, check_output_directory, command  # noqa: E402
 from layerroute.evaluation import cases_by_type, perplexity, routing_summary, scored_steps  # noqa: E402
 from layerroute.familiarity import familiarity_ignored  # noqa: E402
 from layerroute.loading import load_base_model  # noqa: E402
@@ -97,8 +97,7 @@ def main(argv=None) -> int:
         if missing:
             raise UserError(f"--fold {name}: no trace has source {', '.join(missing)} (the data's sources: "
                             f"{', '.join(sorted(known))})")
-    if args.output is not None and not args.output.parent.is_dir():  # written after the folds' hour of training
-        raise MissingInputError(f"--output {args.output}: the directory {args.output.parent} does not exist")
+    check_output_directory("--output", args.output)  # written after the folds' training
     for adapter in args.adapter:
         if not (adapter / ADAPTER_CONFIG).is_file():
             raise MissingInputError(f"--adapter {adapter} is not a LayerRoute adapter directory "

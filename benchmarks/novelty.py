@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from layerroute import LayerRouteModel  # noqa: E402
 from layerroute.adapter_files import read_adapter_config  # noqa: E402
-from layerroute.errors import MissingInputError, UserError, command  # noqa: E402
+from layerroute.errors import MissingInputError, UserError, check_output_directory, command  # noqa: E402
 from layerroute.evaluation import cases_by_type, perplexity, routing_summary, scored_steps  # noqa: E402
-from layerroute.familiarity import familiarity_ignored  # noqa: E402
+from layerroute.familiarity import MIN_SCALE_FRACTION, familiarity_ignored  # noqa: E402
 from layerroute.loading import load_base_model  # noqa: E402
 from layerroute.model import ADAPTER_CONFIG, FINGERPRINT_ROWS  # noqa: E402
 from layerroute.steps import STEP_TYPES, trace_steps  # noqa: E402
@@ -63,7 +63,8 @@ def fitted_scores(fit: torch.Tensor, components: int, shrinkage: float):
     """Novelty score functions fitted on ``fit`` ``(steps, hidden)``: each maps ``(n, hidden)`` to ``(n,)``."""
     mean = fit.mean(0)
     centred = fit - mean
-    scale = centred.std(0).clamp_min(1e-2 * float(centred.std(0).mean()) + 1e-12)
+    spread = centred.std(0)
+    scale = spread.clamp_min(MIN_SCALE_FRACTION * float(spread.mean()) + 1e-12)  # as layerroute.familiarity
     _, _, right = torch.linalg.svd(centred, full_matrices=False)
     directions = right[:components]  # (components, hidden)
     covariance = centred.T @ centred / (len(fit) - 1)
@@ -114,8 +115,10 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     adapter = args.fold / "adapter"
-    if not (adapter / ADAPTER_CONFIG).is_file():
-        raise MissingInputError(f"{args.fold} holds no fold adapter ({adapter / ADAPTER_CONFIG} is missing)")
+    if not (adapter / ADAPTER_CONFIG).is_file() or not (adapter / "report.json").is_file():
+        raise MissingInputError(f"{args.fold} holds no finished fold adapter ({adapter / ADAPTER_CONFIG} and "
+                                f"{adapter / 'report.json'} are written when its training ends)")
+    check_output_directory("--output", args.output)
     generalisation = load_generalisation()
 
     train = read_sources([args.fold / "train.jsonl.gz"]).traces
@@ -125,12 +128,14 @@ def main(argv=None) -> int:
     _, recorded = read_adapter_config(adapter / ADAPTER_CONFIG, FINGERPRINT_ROWS)
     base, tokenizer = load_base_model(recorded["name_or_path"])
     model = LayerRouteModel.from_pretrained(adapter, base_model=copy.deepcopy(base)).eval()
-    training = json.loads((args.fold / "finetune-args.json").read_text())
-    max_length = 512 if "--max-length" not in training else int(training[training.index("--max-length") + 1])
-    cases, _ = cases_by_type([s for t in train for s in trace_steps(t)], tokenizer, max_length, 160, args.seed,
-                             per_source=args.fit_steps)
+    run = json.loads((adapter / "report.json").read_text())["run"]  # the TrainingConfig the fold trained with
+    cases, _ = cases_by_type([s for t in train for s in trace_steps(t)], tokenizer, run["max_length"],
+                             run["max_target_length"], args.seed, per_source=args.fit_steps)
     pool = [example for kind in STEP_TYPES for _, example in cases[kind]]
     drawn = random.Random(args.seed).sample(pool, min(args.fit_steps, len(pool)))
+    if len(drawn) - args.calibration_steps < 2 or args.calibration_steps < 1:
+        raise UserError(f"{len(drawn)} training steps fit the budget: too few for --calibration-steps "
+                        f"{args.calibration_steps} and at least 2 to fit on")
     gen_args = argparse.Namespace(max_length=2048, seed=args.seed, steps_per_source=args.steps_per_source)
     evaluated = {"in distribution": generalisation.examples_of(inside, tokenizer, gen_args),
                  "held out": generalisation.examples_of(held_out, tokenizer, gen_args)}
@@ -144,19 +149,15 @@ def main(argv=None) -> int:
     cascade = {name: scored_steps(model, examples) for name, examples in evaluated.items()}
 
     calibration, fitted = fit_features[:args.calibration_steps], fit_features[args.calibration_steps:]
-    if len(calibration) < 1 or len(fitted) < 2:
-        raise UserError(f"{len(drawn)} training steps fit the budget: too few for --calibration-steps "
-                        f"{args.calibration_steps} and at least 2 to fit on")
     result = {"fold": str(args.fold), "held_out": sorted(held_sources), "fit_steps": len(fitted),
               "calibration_steps": len(calibration), "steps": {n: len(e) for n, e in evaluated.items()},
               "routers alone": {n: summary(alone[n], model.num_layers, full[n]) for n in evaluated},
               "do-no-harm cascade (shipped)": {n: summary(cascade[n], model.num_layers, full[n]) for n in evaluated},
               "scores": {}}
+    blocks = [fitted_scores(fitted[:, block], args.components, args.shrinkage) for block in range(model.num_layers)]
     for name in SCORES:
-        per_block = [fitted_scores(fitted[:, block], args.components, args.shrinkage)[name]
-                     for block in range(model.num_layers)]
-        calibrated = torch.stack([per_block[b](calibration[:, b]) for b in range(model.num_layers)], 1)
-        scored = {n: torch.stack([per_block[b](f[:, b]) for b in range(model.num_layers)], 1)
+        calibrated = torch.stack([scores[name](calibration[:, b]) for b, scores in enumerate(blocks)], 1)
+        scored = {n: torch.stack([scores[name](f[:, b]) for b, scores in enumerate(blocks)], 1)
                   for n, f in features.items()}
         entry = {}
         for quantile in args.quantile:

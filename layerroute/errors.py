@@ -14,6 +14,7 @@ import functools
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 USER_ERROR_STATUS = 2  # argparse's status for bad usage: both mean "fix what you passed"
 DEBUG_FLAG = "--debug"
@@ -33,6 +34,13 @@ class InvalidAdapterError(UserError, ValueError):
     """An adapter directory whose files LayerRoute will not load: a truncated or corrupt weights file, a config that
     does not fit its weights or was edited into something ``save_pretrained`` never writes, or weights only in a
     pickle-based format. The message names the file and the reason."""
+
+
+def check_output_directory(flag: str, path: Path | None) -> None:
+    """Refuse, before any work, an output file ``path`` (given as ``flag``) whose directory does not exist: for
+    outputs written only at the end of a long run, which would otherwise fail after it."""
+    if path is not None and not path.parent.is_dir():
+        raise MissingInputError(f"{flag} {path}: the directory {path.parent} does not exist")
 
 
 @contextmanager

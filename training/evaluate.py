@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from layerroute import LayerRouteModel, load_base_model  # noqa: E402
 from layerroute.adapter_files import read_adapter_config  # noqa: E402
 from layerroute.config import check_skip_threshold  # noqa: E402
-from layerroute.errors import MissingInputError, UserError, command, user_input  # noqa: E402
+from layerroute.errors import MissingInputError, UserError, check_output_directory, command, user_input  # noqa: E402
 from layerroute.evaluation import (  # noqa: E402
     QUALITY_RATES,
     across_sources,
@@ -91,9 +91,7 @@ def main(argv=None) -> int:
     for flag, path in adapters.items():
         if path is not None and not (path / ADAPTER_CONFIG).is_file():
             raise MissingInputError(f"{flag} {path} is not a LayerRoute adapter directory (it has no {ADAPTER_CONFIG})")
-    # written after an hour of generation: a directory that is not there must fail now, not then
-    if args.records is not None and not args.records.parent.is_dir():
-        raise MissingInputError(f"--records {args.records}: the directory {args.records.parent} does not exist")
+    check_output_directory("--records", args.records)  # written after the generation
     read = read_sources(args.data, on_bad_record=args.on_bad_record)
     if read.skipped:
         print(f"skipped {len(read.skipped)} unreadable records: {read.skipped_summary()}", file=sys.stderr)
