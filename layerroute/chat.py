@@ -102,7 +102,8 @@ class ChatStep:
     Attributes:
         prompt_ids: ``(prompt_tokens,)`` token ids of the rendered context, ending with the assistant prompt.
         grammar: the compiled grammar the answer must follow (bound tools or a response format), or ``None``.
-        routing: ``"auto"`` (the routers decide) or ``"off"`` (every block runs).
+        routing: ``"auto"`` (the routers decide) or ``"off"`` (every block runs: asked for, or the conversation ends
+            with a role the adapter's routers do not decide after, :meth:`LayerRouteConfig.routes_after`).
         skip_threshold: a block is skipped where its router's keep probability is below this; ``None`` is the
             adapter's own threshold.
         max_time: wall-clock limit of the generation in seconds, or ``None``.
@@ -314,6 +315,8 @@ class ChatEngine:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         messages = list(messages)
+        if routing == "auto" and messages and not self.model.config.routes_after(messages[-1]["role"]):
+            routing = "off"  # do-no-harm routing: the routers were not fitted to decide after this role
         visible_tools = [] if choice == ("none",) else tools
         grammar = None
         if response_format:

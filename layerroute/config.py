@@ -48,6 +48,9 @@ class LayerRouteConfig:
         familiarity_quantile: the share of the steps the routers were fitted on that count as familiar, recorded when
             :func:`layerroute.familiarity.fit_familiarity` fitted the routers' familiar regions; ``None``: not fitted,
             every step is familiar. A step that leaves the region runs every block from there on.
+        routed_context_roles: the roles of a context's last message after which the routers decide, recorded when
+            :func:`layerroute.familiarity.fit_context_roles` found both step types after them in the training steps;
+            after any other role every block runs. ``None``: not fitted, the routers decide after every role.
     """
 
     lora_rank: int = 8
@@ -59,6 +62,7 @@ class LayerRouteConfig:
     router_init_bias: float = 4.0
     router_threshold: float = 0.5
     familiarity_quantile: float | None = None
+    routed_context_roles: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.lora_rank < 1:
@@ -71,6 +75,11 @@ class LayerRouteConfig:
             raise ValueError(f"router_norm must be one of {ROUTER_NORMS}, got {self.router_norm!r}")
         check_skip_threshold(self.router_threshold, "router_threshold")
         check_familiarity_quantile(self.familiarity_quantile)
+
+    def routes_after(self, role: str | None) -> bool:
+        """Whether the routers decide for a step whose context ends with a ``role`` message; ``False``: every block
+        runs. An unknown role (``None``), or roles never fitted, leave the routers to decide."""
+        return role is None or self.routed_context_roles is None or role in self.routed_context_roles
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

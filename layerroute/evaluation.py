@@ -36,7 +36,8 @@ def scored_steps(model: LayerRouteModel, examples: list[TokenizedStep], forced_s
 
     The routers decide from the context tokens only; the target's summed negative log-likelihood is measured under
     that decision. ``forced_skip`` and ``skip_threshold`` override the routers as in :meth:`LayerRouteModel.forward`;
-    ``lora=False`` scores the frozen base.
+    without ``forced_skip``, a step whose context ends with a role the routers do not decide after runs every block,
+    as the adapter serves it (:meth:`LayerRouteConfig.routes_after`). ``lora=False`` scores the frozen base.
 
     Returns one record per example, in order: ``source``, ``step_type``, ``route`` (the :class:`RouteStats` of
     producing the target under the decision), ``nll`` and ``target_tokens``.
@@ -44,6 +45,7 @@ def scored_steps(model: LayerRouteModel, examples: list[TokenizedStep], forced_s
     model.eval()
     records = []
     for example in tqdm(examples, desc="scoring steps", leave=False):
+        skip = _forced_skip_after(model, example.context_role, forced_skip)
         context, target = len(example.context_ids), len(example.target_ids)
         ids = torch.tensor([example.context_ids + example.target_ids], device=model.device)
         context_mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -51,8 +53,7 @@ def scored_steps(model: LayerRouteModel, examples: list[TokenizedStep], forced_s
         labels = torch.full_like(ids, -100)
         labels[:, context:] = ids[:, context:]
         with nullcontext() if lora else model.lora_disabled():
-            out = model(ids, context_mask=context_mask, labels=labels, forced_skip=forced_skip,
-                        skip_threshold=skip_threshold)
+            out = model(ids, context_mask=context_mask, labels=labels, forced_skip=skip, skip_threshold=skip_threshold)
         keep = out.keep[0].tolist()
         route = step_route_stats([i for i, kept in enumerate(keep) if not kept], model.num_layers, model.shape.block,
                                  model.shape.vocab_size, context_tokens=context,
@@ -61,6 +62,12 @@ def scored_steps(model: LayerRouteModel, examples: list[TokenizedStep], forced_s
         records.append({"source": example.source, "step_type": example.step_type, "route": route,
                         "nll": float(out.token_nll.sum()), "target_tokens": target})
     return records
+
+
+def _forced_skip_after(model: LayerRouteModel, context_role: str | None, forced_skip):
+    """``forced_skip``, or none skipped (every block runs) where the routers would decide after a context role they
+    do not decide after (do-no-harm routing, :meth:`LayerRouteConfig.routes_after`)."""
+    return () if forced_skip is None and not model.config.routes_after(context_role) else forced_skip
 
 
 def routing_summary(records: list[dict], num_layers: int, by_source: bool = False) -> dict:
@@ -189,7 +196,8 @@ def agent_quality(model: LayerRouteModel, tokenizer, grammars: DecodingGrammars,
         processor = (DecodingGrammars.processor(grammars.tool_calls(step.tools, None, parallel)) if step.tools
                      else None)
         with nullcontext() if lora else model.lora_disabled():
-            out = model.generate(ids, forced_skip=forced_skip, skip_threshold=skip_threshold, do_sample=False,
+            out = model.generate(ids, forced_skip=_forced_skip_after(model, example.context_role, forced_skip),
+                                 skip_threshold=skip_threshold, do_sample=False,
                                  max_new_tokens=len(example.target_ids) + extra_tokens,
                                  pad_token_id=tokenizer.pad_token_id,
                                  logits_processor=LogitsProcessorList([processor] if processor else []))
@@ -296,7 +304,8 @@ def wall_clock_by_type(model: LayerRouteModel, examples: list[TokenizedStep], re
         kwargs = dict(do_sample=False, max_new_tokens=length, min_new_tokens=length)
         times = {"routed": [], "full": []}
         for _ in range(repeats):
-            for name, forced_skip in (("routed", None), ("full", ())):
+            for name, forced_skip in (("routed", _forced_skip_after(model, example.context_role, None)),
+                                      ("full", ())):
                 began = time.perf_counter()
                 model.generate(ids, forced_skip=forced_skip, skip_threshold=skip_threshold, **kwargs)
                 times[name].append(time.perf_counter() - began)

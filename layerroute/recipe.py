@@ -81,6 +81,10 @@ class TrainingConfig:
         familiarity_quantile: do-no-harm routing (:mod:`layerroute.familiarity`): the share of training steps each
             router counts as familiar, in [0, 1]; 0: no check.
         familiarity_steps: training steps, drawn at random, whose features define the familiar regions (at least 2).
+        min_steps_per_role: do-no-harm routing: the routers decide only after the roles of last context message
+            (``user``, ``tool``, ...) after which the training steps hold at least this many steps of each type
+            (:func:`~layerroute.familiarity.fit_context_roles`); after other roles every block runs. 0: after every
+            role.
         no_routing: the LoRA-only baseline: every block runs, no routers learn.
         static_prune: the static-pruning baseline: the ``static_prune`` blocks of lowest influence
             (:func:`~layerroute.training.block_influence`) are skipped for every step and LoRA heals the rest.
@@ -108,6 +112,7 @@ class TrainingConfig:
     router_refit_rounds: int = 30
     familiarity_quantile: float = 0.99
     familiarity_steps: int = 200
+    min_steps_per_role: int = 100
     no_routing: bool = False
     static_prune: int = 0
 
@@ -122,6 +127,9 @@ class TrainingConfig:
             raise ValueError(f"familiarity_quantile must lie in [0, 1] (0: no check), got {self.familiarity_quantile}")
         if self.familiarity_steps < 2:
             raise ValueError(f"familiarity_steps must be at least 2, got {self.familiarity_steps}")
+        if self.min_steps_per_role < 0:
+            raise ValueError(f"min_steps_per_role must be at least 0 (0: the routers decide after every role), got "
+                             f"{self.min_steps_per_role}")
         if (self.no_routing or self.static_prune) and self.router_warmup:
             raise ValueError("router_warmup trains routers; it does not combine with no_routing or static_prune")
 

@@ -163,6 +163,9 @@ class TokenizedStep:
         target_ids: the assistant message as the model must produce it (end-of-turn token included).
         step_type: kept for evaluation and reports only.
         source: the data set of the trace, kept for per-source reports only.
+        context_role: the role of the context's last message (``"user"``, ``"tool"``, ...; ``None``: not known).
+            Do-no-harm routing runs every block after a role the routers were not fitted to decide after
+            (:meth:`layerroute.LayerRouteConfig.routes_after`).
     """
 
     context_ids: list[int]
@@ -170,6 +173,7 @@ class TokenizedStep:
     step_type: str
     trace_id: str
     source: str = "unknown"
+    context_role: str | None = None
 
 
 def tokenize_step(step: Step, tokenizer, max_context_tokens: int = 1024, max_target_tokens: int = 256) -> TokenizedStep:
@@ -196,4 +200,5 @@ def tokenize_step(step: Step, tokenizer, max_context_tokens: int = 1024, max_tar
                 f"tokens, more than the context budget of {max_context_tokens}"
             )
         context_ids = head_ids + context_ids[-keep:]
-    return TokenizedStep(context_ids, target_ids, step.step_type, step.trace_id, step.source)
+    return TokenizedStep(context_ids, target_ids, step.step_type, step.trace_id, step.source,
+                         step.context[-1]["role"] if step.context else None)

@@ -137,6 +137,26 @@ def test_routing_off_runs_every_block(tiny_chat_dir, set_routers):
         llm.invoke("hi", routing="sometimes")
 
 
+def test_a_conversation_ending_with_a_role_the_routers_do_not_decide_after_runs_every_block(tiny_chat_dir,
+                                                                                              set_routers):
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+
+    from layerroute.chat import ChatEngine
+
+    config = ChatEngine.load(tiny_chat_dir).model.config
+    llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=4)
+    set_routers(-5.0)
+    call = AIMessage("", tool_calls=[{"name": "get_weather", "args": {"city": "Oslo"}, "id": "c1"}])
+    after_tool = [HumanMessage("weather in Oslo?"), call, ToolMessage("sunny", tool_call_id="c1")]
+    config.routed_context_roles = ["user"]  # as if fitted on logs where every step after a tool result was a call
+    try:
+        assert llm.invoke(after_tool).response_metadata["layerroute"]["skipped_layers"] == []
+        assert llm.invoke("hi").response_metadata["layerroute"]["skipped_layers"] == [0, 1, 2]
+    finally:
+        config.routed_context_roles = None
+    assert llm.invoke(after_tool).response_metadata["layerroute"]["skipped_layers"] == [0, 1, 2]
+
+
 def test_stream_puts_metadata_on_exactly_one_chunk(llm):
     chunks = list(llm.stream("Tell me a story"))
     with_route = [c for c in chunks if "layerroute" in c.response_metadata]

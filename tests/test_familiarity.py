@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_qwen2
 
 from layerroute import LayerRouteModel
-from layerroute.familiarity import familiarity_ignored, fit_familiarity
+from layerroute.evaluation import scored_steps
+from layerroute.familiarity import familiarity_ignored, fit_context_roles, fit_familiarity
 from layerroute.steps import TokenizedStep
 
 
@@ -96,3 +97,36 @@ def test_bad_fits_are_refused():
         fit_familiarity(model, steps(4), pad_token_id=0, quantile=0.0)
     with pytest.raises(ValueError, match="at least 2 steps"):
         fit_familiarity(model, steps(1), pad_token_id=0, quantile=0.9)
+
+
+def role_steps(counts: dict[tuple[str | None, str], int]) -> list[TokenizedStep]:
+    return [TokenizedStep([3, 4, 5], [6], kind, f"{role}-{kind}-{i}", context_role=role)
+            for (role, kind), count in counts.items() for i in range(count)]
+
+
+def test_routers_decide_only_after_roles_whose_training_steps_hold_both_types():
+    model = skipping_model()
+    # after a tool result every training step is a call: the routers never learnt what else follows a tool result
+    counts = fit_context_roles(model, role_steps({("user", "tool_call"): 3, ("user", "planning"): 2,
+                                                  ("tool", "tool_call"): 5, (None, "planning"): 9}), min_steps=2)
+    assert counts == {"user": {"tool_call": 3, "planning": 2}, "tool": {"tool_call": 5, "planning": 0}}
+    assert model.config.routed_context_roles == ["user"]
+    assert model.config.routes_after("user") and model.config.routes_after(None)
+    assert not model.config.routes_after("tool") and not model.config.routes_after("assistant")  # never seen
+    fit_context_roles(model, role_steps({("user", "tool_call"): 3, ("user", "planning"): 2}), min_steps=3)
+    assert model.config.routed_context_roles == []
+
+
+def test_a_step_after_a_role_the_routers_do_not_decide_after_runs_every_block(tmp_path):
+    model = skipping_model()
+    model.config.routed_context_roles = ["user"]
+    after_user, after_tool = (TokenizedStep([3, 4, 5, 6], [7, 8], "planning", "t", context_role=role)
+                              for role in ("user", "tool"))
+    routed = scored_steps(model, [after_user, after_tool])
+    assert [r["route"].skipped_layers for r in routed] == [[1, 3], []]
+    assert scored_steps(model, [after_tool], forced_skip=(3,))[0]["route"].skipped_layers == [3]  # forced: as asked
+    with familiarity_ignored(model):
+        assert scored_steps(model, [after_tool])[0]["route"].skipped_layers == [1, 3]
+    assert model.config.routed_context_roles == ["user"]  # back after the comparison
+    model.save_pretrained(tmp_path)
+    assert LayerRouteModel.from_pretrained(tmp_path, base_model=tiny_qwen2()).config.routed_context_roles == ["user"]

@@ -10,8 +10,9 @@ The recipe (``layerroute.recipe``, ``docs/method.md``): the routers first learn 
 ``router_warmup`` steps, from measured skip costs under a FLOP budget whose price is a Lagrange multiplier; then they
 keep their weights while LoRA trains for ``--steps`` steps under their decisions, their biases re-centred on how LoRA
 shifts what they read; then they are fitted once more to the warm-up's measured costs, read through the trained LoRA;
-last, their familiar regions are fitted (do-no-harm routing). Step types never reach the loss; they are used only
-for the held-out report.
+last, their familiar regions are fitted, and the roles of last context message after which the training steps hold
+both step types are recorded (do-no-harm routing). Step types never reach the loss; they are used only for that
+count and the held-out report.
 
 Settings come from a preset (``training/presets/NAME.py``, a ``TrainingConfig``) and the command line. Every field of
 ``layerroute.recipe.TrainingConfig`` is also a flag (``--router-lr 0.02``, ``--router-warmup 0`` for the joint
@@ -48,7 +49,7 @@ from layerroute import LayerRouteConfig, LayerRouteModel, load_base_model  # noq
 from layerroute.checkpoints import recover_directory, replace_directory  # noqa: E402
 from layerroute.errors import ENVIRONMENT_ERRNOS, MissingInputError, UserError, command, user_input  # noqa: E402
 from layerroute.evaluation import routing_report, write_training_report  # noqa: E402
-from layerroute.familiarity import fit_familiarity  # noqa: E402
+from layerroute.familiarity import fit_context_roles, fit_familiarity  # noqa: E402
 from layerroute.logs import add_log_level_argument, configure_logging  # noqa: E402
 from layerroute.model import ADAPTER_CONFIG  # noqa: E402
 from layerroute.recipe import TrainingConfig, joint_step, lora_step, refit_routers, warmup_step  # noqa: E402
@@ -81,6 +82,10 @@ USER_SETTINGS = {
     "max_length": "context token budget per step",
     "seed": "seed of the initialisation, batch order and skip-cost probes",
     "target_skip_rate": "the compute budget: the share of block FLOPs the routers should skip",
+    "familiarity_quantile": "do-no-harm routing: the share of training steps each router counts as familiar; "
+                            "a step outside runs every block from there on (0: no check)",
+    "min_steps_per_role": "do-no-harm routing: the routers decide only after message roles (user, tool) that "
+                          "this many training steps of each type follow; after others every block runs (0: no check)",
     "no_routing": "LoRA-only baseline with the same budget",
     "static_prune": "static-pruning baseline: delete this many blocks, those of lowest influence (1 - cos of block "
                     "input and output on training steps), for every step, and heal with LoRA",
@@ -385,6 +390,10 @@ def main(argv=None) -> int:
                         config.familiarity_quantile, config.batch_size)
         logger.info(f"familiar regions fitted on {len(drawn)} training steps (quantile "
                           f"{config.familiarity_quantile})")
+    if config.learns_routes and config.min_steps_per_role:
+        counts = fit_context_roles(unwrapped, train.examples, config.min_steps_per_role)
+        logger.info(f"routers decide after {unwrapped.config.routed_context_roles} (training steps by the role "
+                    f"they follow: {counts}; at least {config.min_steps_per_role} of each type needed)")
 
     # ---------------------------------------------------------------- adapter and report
     if accelerator.is_main_process:
