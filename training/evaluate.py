@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     for flag, path in adapters.items():
         if path is not None and not (path / ADAPTER_CONFIG).is_file():
             raise MissingInputError(f"{flag} {path} is not a LayerRoute adapter directory (it has no {ADAPTER_CONFIG})")
-    check_output_directory("--records", args.records)  # written after the generation
+    check_output_directory("--records", args.records)
     read = read_sources(args.data, on_bad_record=args.on_bad_record)
     if read.skipped:
         print(f"skipped {len(read.skipped)} unreadable records: {read.skipped_summary()}", file=sys.stderr)
@@ -135,17 +136,17 @@ def main(argv=None) -> int:
             # what skipping costs, apart from what LoRA does: routed against the same adapter at full depth
             values["skip_cost"] = ppl["layerroute"] / ppl["layerroute_full_depth"] - 1
     grammars = DecodingGrammars(tokenizer, base.get_output_embeddings().weight.shape[0])
-    records = {
-        "layerroute": agent_quality(model, tokenizer, grammars, generated, skip_threshold=args.skip_threshold),
-        "layerroute_full_depth": agent_quality(model, tokenizer, grammars, generated, forced_skip=()),
-        "base": agent_quality(model, tokenizer, grammars, for_baselines, forced_skip=(), lora=False),
-    }
+    generations = [
+        ("layerroute", model, generated, {"skip_threshold": args.skip_threshold}),
+        ("layerroute_full_depth", model, generated, {"forced_skip": ()}),
+        ("base", model, for_baselines, {"forced_skip": (), "lora": False}),
+    ]
     for name, baseline in baselines.items():
         # LoRA-only never skips; static pruning skips through its constant routers
         forced_skip = () if name == "lora_only" else None
         baseline_scored = scored_steps(baseline, every, forced_skip=forced_skip)
         perplexities[name] = perplexity(baseline_scored)
-        records[name] = agent_quality(baseline, tokenizer, grammars, for_baselines, forced_skip=forced_skip)
+        generations.append((name, baseline, for_baselines, {"forced_skip": forced_skip}))
         if name == "static_pruning":
             static = routing_summary(baseline_scored, baseline.num_layers)["by_step_type"]
             result["static_pruning"] = {kind: {k: v for k, v in values.items() if k != "block_skip_rate"}
@@ -154,10 +155,14 @@ def main(argv=None) -> int:
         by_type[kind].pop("block_skip_rate")
         ppl = by_type[kind]["perplexity"] = {name: values.get(kind) for name, values in perplexities.items()}
         by_type[kind]["skip_cost"] = ppl["layerroute"] / ppl["layerroute_full_depth"] - 1
-    if args.records:
-        with args.records.open("w") as handle:
-            handle.writelines(json.dumps({"model": name, **record}, ensure_ascii=False) + "\n"
-                              for name, model_records in records.items() for record in model_records)
+    records = {}
+    with args.records.open("w") if args.records else nullcontext() as record_file:
+        for name, generating_model, generation_cases, options in generations:
+            records[name] = agent_quality(generating_model, tokenizer, grammars, generation_cases, **options)
+            if record_file:  # each model's lines as soon as they exist: a long run stopped early keeps them
+                record_file.writelines(json.dumps({"model": name, **record}, ensure_ascii=False) + "\n"
+                                       for record in records[name])
+                record_file.flush()
     result["agent_quality"] = {name: quality_summary(r) for name, r in records.items()}
     result["agent_quality_by_source"] = {
         name: {source: quality_summary([r for r in records[name] if r["source"] == source])
