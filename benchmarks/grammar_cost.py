@@ -1,10 +1,13 @@
 """What does grammar-constrained decoding cost per token? Constrained against free decoding, same steps, same run.
 
 For --steps tool-call steps of the test split (their real tool schemas bound), the routed model first generates
-each step under the grammar (greedy) to learn its length n. Then both runs are timed with exactly n forward passes:
-constrained (the grammar ends the call, and the answer, at n tokens) and free (min = max = n new tokens). Runs
-alternate, each step's time is the median of --repeats, and a configuration's per-token time is its total time over
-its total tokens. The grammar's compile time per step (tools never seen before) and from the cache is printed too.
+each step under the grammar (greedy) to learn its length n. Then three runs are timed with exactly n forward passes:
+free (min = max = n new tokens); constrained with the full LM head (`restrict_lm_head=False`: every logit computed,
+then masked); and constrained as served, the LM head computing only the logits the grammar allows where it allows
+few (layerroute.lm_head). The grammar ends the call, and the answer, at n tokens. Runs alternate, each step's time is
+the median of --repeats, and a configuration's per-token time is its total time over its total tokens. Also printed:
+the share of the full head's logits the restricted head computed (from the FLOP count), and the grammar's compile
+time per step (tools never seen before) and from the cache.
 
     python benchmarks/grammar_cost.py                 # embedded SmolLM2-135M with the shipped adapter, CPU
     python benchmarks/grammar_cost.py --steps 40 --repeats 5
@@ -46,6 +49,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     base, tokenizer = load_base_model(args.model)
+    vocabulary = base.get_output_embeddings().weight.shape[0]
     model = LayerRouteModel.from_pretrained(args.adapter or default_adapter_dir(), base_model=base).eval()
     model.merge_lora()  # as served
     steps = [s for t in read_traces(args.data).traces for s in trace_steps(t) if s.step_type == "tool_call"]
@@ -53,7 +57,7 @@ def main() -> None:
     steps = steps[: args.steps]
 
     began = time.perf_counter()
-    grammars = DecodingGrammars(tokenizer, base.get_output_embeddings().weight.shape[0])
+    grammars = DecodingGrammars(tokenizer, vocabulary)
     setup_s = time.perf_counter() - began
     compile_s, cached_s, cases = [], [], []
     for step in steps:
@@ -68,34 +72,43 @@ def main() -> None:
                              logits_processor=LogitsProcessorList([grammars.processor(grammar)]))
         cases.append((ids, grammar, out.shape[1] - ids.shape[1]))
 
-    totals = {"constrained": 0.0, "free": 0.0}
-    tokens = 0
+    configurations = ("free", "constrained, full LM head", "constrained")
+    totals = dict.fromkeys(configurations, 0.0)
+    tokens = head_flops = full_head_flops = 0
+    flops = {}
     with torch.no_grad():
         for ids, grammar, length in cases:
-            times = {"constrained": [], "free": []}
+            times = {name: [] for name in configurations}
             for _ in range(args.repeats):
-                for name in ("constrained", "free"):
+                for name in configurations:
                     began = time.perf_counter()
-                    if name == "constrained":
-                        model.generate(ids, do_sample=False, max_new_tokens=length,
-                                       logits_processor=LogitsProcessorList([grammars.processor(grammar)]))
-                    else:
+                    if name == "free":
                         model.generate(ids, do_sample=False, max_new_tokens=length, min_new_tokens=length)
+                    else:
+                        model.generate(ids, do_sample=False, max_new_tokens=length,
+                                       restrict_lm_head=name == "constrained",
+                                       logits_processor=LogitsProcessorList([grammars.processor(grammar)]))
                     times[name].append(time.perf_counter() - began)
+                    flops[name] = model.last_route.flops_total
             for name in totals:
                 totals[name] += statistics.median(times[name])
             tokens += length
+            # the same route and tokens, so the FLOP difference is the head's rows not computed
+            full_head = 2 * length * model.shape.block.hidden_size * vocabulary
+            full_head_flops += full_head
+            head_flops += full_head - (flops["constrained, full LM head"] - flops["constrained"])
 
     print(f"model={model.base_model_name_or_path} steps={len(cases)} tokens={tokens} repeats={args.repeats} "
-          f"threads={torch.get_num_threads()} vocabulary={base.get_output_embeddings().weight.shape[0]}")
+          f"threads={torch.get_num_threads()} vocabulary={vocabulary}")
     print()
     print("| decoding | total s | ms per token | vs free |")
     print("|---|---|---|---|")
-    for name in ("free", "constrained"):
+    for name in configurations:
         print(f"| {name} | {totals[name]:.2f} | {1e3 * totals[name] / tokens:.1f} | "
               f"{totals[name] / totals['free'] - 1:+.1%} |")
     print()
-    print(f"(time per step includes its prefill; both runs do the same number of forward passes. Grammar setup for "
+    print(f"The restricted LM head computed {head_flops / full_head_flops:.1%} of the full head's logits.")
+    print(f"(time per step includes its prefill; all runs do the same number of forward passes. Grammar setup for "
           f"the tokenizer: {setup_s:.2f} s once; compile per step's tools: median {1e3 * statistics.median(compile_s):.1f}"
           f" ms, from the cache {1e3 * statistics.median(cached_s):.3f} ms)")
 

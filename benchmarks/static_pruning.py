@@ -35,9 +35,10 @@ TEST = ROOT / "training" / "data" / "corpus" / "test.jsonl.gz"
 def matched_k(model: LayerRouteModel, examples, target_frac: float) -> int:
     """The number of blocks deleted for every step whose FLOP skip on ``examples`` is closest to ``target_frac``."""
     def static_frac(k: int) -> float:
-        routes = [step_route_stats(list(range(k)), model.num_layers, model.shape.block, model.shape.vocab_size,
-                                   len(e.context_ids), len(e.context_ids) + len(e.target_ids) - 1,
-                                   len(e.target_ids), model.lora_flops_per_token) for e in examples]
+        routes = [step_route_stats(list(range(k)), model.num_layers, model.shape.block, len(e.context_ids),
+                                   len(e.context_ids) + len(e.target_ids) - 1,
+                                   len(e.target_ids) * model.shape.vocab_size, model.lora_flops_per_token)
+                  for e in examples]
         return sum(r.flops_skipped for r in routes) / sum(r.flops_total for r in routes)
 
     return min(range(model.num_layers), key=lambda k: abs(static_frac(k) - target_frac))

@@ -56,8 +56,8 @@ def scored_steps(model: LayerRouteModel, examples: list[TokenizedStep], forced_s
             out = model(ids, context_mask=context_mask, labels=labels, forced_skip=skip, skip_threshold=skip_threshold)
         keep = out.keep[0].tolist()
         route = step_route_stats([i for i, kept in enumerate(keep) if not kept], model.num_layers, model.shape.block,
-                                 model.shape.vocab_size, context_tokens=context,
-                                 forwarded_tokens=context + target - 1, lm_head_positions=target,
+                                 context_tokens=context, forwarded_tokens=context + target - 1,
+                                 lm_head_logits=target * model.shape.vocab_size,
                                  extra_flops_per_token=model.lora_flops_per_token)
         records.append({"source": example.source, "step_type": example.step_type, "route": route,
                         "nll": float(out.token_nll.sum()), "target_tokens": target})

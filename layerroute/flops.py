@@ -79,10 +79,9 @@ def step_route_stats(
     skipped_layers: list[int],
     num_layers: int,
     block: BlockShape,
-    vocab_size: int,
     context_tokens: int,
     forwarded_tokens: int,
-    lm_head_positions: int,
+    lm_head_logits: int,
     extra_flops_per_token: int = 0,
 ) -> RouteStats:
     """Route stats of one step.
@@ -91,13 +90,14 @@ def step_route_stats(
         context_tokens: prompt tokens of the step (prefilled at once).
         forwarded_tokens: tokens fed through the model in total, prompt included (a step that generates ``n``
             tokens forwards ``context_tokens + n - 1``: the last token is never fed back).
-        lm_head_positions: positions whose logits were computed.
+        lm_head_logits: logits the LM head computed: positions x vocabulary size, or fewer rows where a grammar
+            restricted the head (:mod:`layerroute.lm_head`).
     """
     decode_tokens = forwarded_tokens - context_tokens
     per_block = block_flops(
         block, context_tokens, causal_key_reads(0, context_tokens), extra_flops_per_token
     ) + block_flops(block, decode_tokens, causal_key_reads(context_tokens, decode_tokens), extra_flops_per_token)
-    lm_head = 2 * lm_head_positions * block.hidden_size * vocab_size
+    lm_head = 2 * lm_head_logits * block.hidden_size
     return RouteStats(
         skipped_layers=sorted(skipped_layers),
         num_layers=num_layers,

@@ -131,6 +131,10 @@ class RowGrammars(LogitsProcessor):
     A row that has finished (its grammar terminated, or generation stopped it early: a stop sequence, a cancelled
     request) is padded while the others go on; its padding is not fed to its grammar, and its logits are left alone.
 
+    The parse state advances by one token per decode step, in :meth:`advance` or, when nothing called that for the
+    step, in ``__call__``. :class:`layerroute.model.LayerRouteModel` advances it as each forward starts, so that
+    :meth:`allowed_tokens` is known before the LM head runs and the head computes only those logits.
+
     Args:
         grammars: a compiled grammar for every row, or ``(batch,)`` compiled grammars or ``None``.
     """
@@ -140,33 +144,69 @@ class RowGrammars(LogitsProcessor):
         constrained = grammars if not isinstance(grammars, list) else next(g for g in grammars if g is not None)
         self.vocab_size = constrained.tokenizer_info.vocab_size
         self.matchers: list[xgr.GrammarMatcher | None] | None = None
+        self.prompt_length: int | None = None
+
+    def advance(self, new_tokens: torch.LongTensor) -> None:
+        """Feed one forward's input: ``(batch, n)`` token ids. The first forward is the prompt (or its last token,
+        after a prefill) and only starts the parse; every later one carries the token generated last."""
+        if self.matchers is None:
+            self._start(new_tokens.shape[0])
+        else:
+            self._accept(new_tokens[:, -1])
+
+    def allowed_tokens(self, max_tokens: int) -> torch.LongTensor | None:
+        """``(n,)`` ids of the tokens some unfinished row may take next, when there are at most ``max_tokens`` of
+        them and every row is constrained (finished rows are padded, so their logits do not matter); else ``None``."""
+        if self.matchers is None or not self._rows or any(matcher is None for matcher in self.matchers):
+            return None
+        # the engine's own masking on zeros marks what each row allows, whatever the bitmask's layout
+        allowed = torch.zeros(len(self._rows), self.vocab_size)
+        xgr.apply_token_bitmask_inplace(allowed, self.bitmask[self._rows], vocab_size=self.vocab_size)
+        ids = (allowed == 0).any(dim=0).nonzero().flatten()
+        return ids if len(ids) <= max_tokens else None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.matchers is None:  # the first call: the prompt, nothing generated yet
-            grammars = self.grammars if isinstance(self.grammars, list) else [self.grammars] * input_ids.shape[0]
-            if len(grammars) != input_ids.shape[0]:
-                raise ValueError(f"{len(grammars)} grammars for a batch of {input_ids.shape[0]} rows")
-            self.matchers = [None if grammar is None else xgr.GrammarMatcher(grammar) for grammar in grammars]
-            self.finished = [matcher is None for matcher in self.matchers]
-            self.bitmask = xgr.allocate_token_bitmask(len(grammars), self.vocab_size)
-        else:
-            for row, matcher in enumerate(self.matchers):
-                if not self.finished[row] and not matcher.accept_token(int(input_ids[row, -1])):
-                    self.finished[row] = True  # the token is padding after the row stopped early
-        rows = []
+            self._start(input_ids.shape[0])
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+        elif input_ids.shape[1] - self.prompt_length > self._accepted:  # no forward advanced the parse this step
+            self._accept(input_ids[:, -1])
+        if self._rows:
+            # a copy, since generate keeps the tensor it passes as the raw logits (output_logits); xgrammar masks
+            # logits on CUDA or CPU only
+            masked = scores.clone() if scores.device.type in ("cuda", "cpu") else scores.to("cpu", copy=True)
+            xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device), vocab_size=self.vocab_size,
+                                            indices=self._rows)
+            scores = masked.to(scores.device)
+        return scores
+
+    def _start(self, batch: int) -> None:
+        grammars = self.grammars if isinstance(self.grammars, list) else [self.grammars] * batch
+        if len(grammars) != batch:
+            raise ValueError(f"{len(grammars)} grammars for a batch of {batch} rows")
+        self.matchers = [None if grammar is None else xgr.GrammarMatcher(grammar) for grammar in grammars]
+        self.finished = [matcher is None for matcher in self.matchers]
+        self.bitmask = xgr.allocate_token_bitmask(len(grammars), self.vocab_size)
+        self._accepted = 0
+        self._fill_bitmask()
+
+    def _accept(self, tokens: torch.LongTensor) -> None:
+        for row, matcher in enumerate(self.matchers):
+            if not self.finished[row] and not matcher.accept_token(int(tokens[row])):
+                self.finished[row] = True  # the token is padding after the row stopped early
+        self._accepted += 1
+        self._fill_bitmask()
+
+    def _fill_bitmask(self) -> None:
+        """The next token's bitmask for every row still parsing; ``_rows`` lists them."""
+        self._rows = []
         for row, matcher in enumerate(self.matchers):
             if not self.finished[row] and matcher.is_terminated():
                 self.finished[row] = True
             if not self.finished[row]:
                 matcher.fill_next_token_bitmask(self.bitmask, row)
-                rows.append(row)
-        if rows:
-            # xgrammar masks logits on CUDA or CPU only
-            masked = scores if scores.device.type in ("cuda", "cpu") else scores.to("cpu")
-            xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device), vocab_size=self.vocab_size,
-                                            indices=rows)
-            scores = masked.to(scores.device)
-        return scores
+                self._rows.append(row)
 
 
 def _reason(error: Exception) -> str:

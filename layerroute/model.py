@@ -28,6 +28,8 @@ from .architectures import ModelShape, find_decoder_blocks, model_shape
 from .config import LayerRouteConfig, check_skip_threshold
 from .errors import InvalidAdapterError
 from .flops import RouteStats, step_route_stats
+from .grammar import RowGrammars
+from .lm_head import RoutedLMHead
 from .router import FAMILIARITY_BUFFERS, ROUTING_STATE, Replay, RoutedBlock, Router, RoutingState
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -126,8 +128,9 @@ class LayerRouteModel(nn.Module):
         for index in range(len(blocks)):
             router = Router(hidden_size, config).to(_device_of(blocks[index]))
             blocks[index] = RoutedBlock(blocks[index], router, index, config.router_threshold)
+        base_model.set_output_embeddings(RoutedLMHead(base_model.get_output_embeddings()))
+        base_model.get_input_embeddings().register_forward_pre_hook(_advance_grammar)
         self.base_model = base_model
-        self.base_model.get_output_embeddings().register_forward_hook(_count_lm_head_positions)
         self._local = threading.local()
         self._merged_lora: list[tuple[nn.Module, str, nn.Module]] = []
 
@@ -307,6 +310,7 @@ class LayerRouteModel(nn.Module):
         forced_skip: Iterable[int] | None = None,
         skip_threshold: float | None = None,
         prefilled: RoutedCache | None = None,
+        restrict_lm_head: bool = True,
         **generate_kwargs,
     ):
         """Like HF ``generate``; blocks the routers skip are not executed.
@@ -323,6 +327,11 @@ class LayerRouteModel(nn.Module):
         takes the blocks' outputs from there instead of running the last prompt token again: the call executes, and
         its route counts, exactly what a plain ``generate`` of the prompt under the same decisions does (prefill and
         all), and generation (logits processors, streamers, stopping criteria) goes on as it would there.
+
+        With a grammar among the logits processors (:meth:`layerroute.grammar.DecodingGrammars.processor`) and
+        ``restrict_lm_head``, a forward where the grammar allows few tokens computes only their logits
+        (:mod:`layerroute.lm_head`); the others are ``-inf``, as the grammar masks them. The tokens generated are the
+        same, up to floating-point rounding of the logits; ``output_logits`` (the raw logits) turns it off.
 
         After the call, :attr:`last_route` (batch of one) and :attr:`last_routes` (one per row) hold this thread's
         :class:`RouteStats`, and :attr:`last_lengths` the tokens each row generated. A row of a batch ends at its
@@ -342,6 +351,9 @@ class LayerRouteModel(nn.Module):
             forced_skip=None if forced_skip is None else frozenset(forced_skip),
             skip_threshold=check_skip_threshold(skip_threshold),
         )
+        if restrict_lm_head and not generate_kwargs.get("output_logits"):
+            state.grammar = next((p for p in generate_kwargs.get("logits_processor") or ()
+                                  if isinstance(p, RowGrammars)), None)
         if prefilled is not None and prefilled.pending is not None:
             kept = {i for i in range(self.num_layers) if i not in state.forced_skip}
             if set(prefilled.pending) != kept:
@@ -445,10 +457,9 @@ class LayerRouteModel(nn.Module):
                     skipped_layers=[i for i in range(self.num_layers) if not keep[row, i]],
                     num_layers=self.num_layers,
                     block=self.shape.block,
-                    vocab_size=self.shape.vocab_size,
                     context_tokens=context,
                     forwarded_tokens=context + max(generated - 1, 0),
-                    lm_head_positions=sum(state.lm_head_positions[:generated]),
+                    lm_head_logits=sum(state.lm_head_logits[:generated]),
                     extra_flops_per_token=self.lora_flops_per_token,
                 )
             )
@@ -603,10 +614,12 @@ class _RowEnds(StoppingCriteria):
         return done
 
 
-def _count_lm_head_positions(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+def _advance_grammar(module: nn.Module, inputs: tuple) -> None:
+    """Before a forward's blocks and LM head run, its grammar takes the token generated last, so that the head knows
+    what the grammar allows next."""
     state = ROUTING_STATE.get()
-    if state is not None:
-        state.lm_head_positions.append(inputs[0].shape[-2] if inputs[0].dim() > 2 else 1)
+    if state is not None and state.grammar is not None:
+        state.grammar.advance(inputs[0])
 
 
 def _device_of(module: nn.Module) -> torch.device:

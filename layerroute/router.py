@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .config import LayerRouteConfig
+
+if TYPE_CHECKING:
+    from .grammar import RowGrammars
 
 
 @dataclass
@@ -31,7 +35,10 @@ class RoutingState:
         keep_probs: block index -> ``(batch,)`` keep probabilities (differentiable during training).
         unfamiliar: ``(batch,)`` bool, rows whose features have left their routers' familiar radius at this or an
             earlier block; from there on every block runs for them (do-no-harm routing, :mod:`layerroute.familiarity`).
-        lm_head_positions: positions whose logits each forward of the state computed.
+        lm_head_logits: logits each forward of the state computed per row (positions x vocabulary rows computed).
+        grammar: when not ``None``, the :class:`layerroute.grammar.RowGrammars` that constrains this ``generate``:
+            each forward advances it, and the LM head computes only the logits of the tokens it allows
+            (:class:`layerroute.lm_head.RoutedLMHead`).
         start_block: blocks before this one are not run (their input passes through unchanged) and this block starts
             from ``start_hidden``: a forward resumed midway, from hidden states an earlier forward recorded.
         start_hidden: ``(batch, seq_len, hidden)`` input of ``start_block``; ``None`` starts from the embeddings.
@@ -51,7 +58,8 @@ class RoutingState:
     rows_keeping: dict[int, str] = field(default_factory=dict)
     keep_probs: dict[int, torch.Tensor] = field(default_factory=dict)
     unfamiliar: torch.Tensor | None = None
-    lm_head_positions: list[int] = field(default_factory=list)
+    lm_head_logits: list[int] = field(default_factory=list)
+    grammar: RowGrammars | None = None
     start_block: int = 0
     start_hidden: torch.Tensor | None = None
     router_features: dict[int, torch.Tensor] | None = None

@@ -22,8 +22,8 @@ def test_block_flops_by_hand():
 
 def test_step_stats_by_hand():
     block = BlockShape(hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=16, gated_mlp=True)
-    # 3 context tokens, 2 decode forwards (so 3 generated tokens), 3 LM-head positions, vocab 10, 4 blocks.
-    stats = step_route_stats([2, 0], 4, block, 10, context_tokens=3, forwarded_tokens=5, lm_head_positions=3)
+    # 3 context tokens, 2 decode forwards (so 3 generated tokens), 3 LM-head positions of vocab 10, 4 blocks.
+    stats = step_route_stats([2, 0], 4, block, context_tokens=3, forwarded_tokens=5, lm_head_logits=3 * 10)
     prefill = 1152 + 192 + 2304
     decode = 2 * 2 * (64 + 32 + 32 + 64) + 2 * 2 * (4 + 5) * 8 + 2 * 2 * 3 * 128
     lm_head = 2 * 3 * 8 * 10

@@ -6,8 +6,11 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 import xgrammar as xgr
+from transformers import LogitsProcessorList
 
+from layerroute import LayerRouteModel, load_base_model
 from layerroute.grammar import DecodingGrammars
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -102,3 +105,37 @@ def test_without_parallel_calls_the_answer_ends_after_its_first_call(grammars):
         assert not accepts(grammars, grammar, OSLO + "\n" + OSLO.replace("Oslo", "Rome"), complete=False)
     assert accepts(grammars, single, "The weather is fine.")  # auto may still answer in prose
     assert grammars[0].tool_calls([WEATHER], None) is not single  # cached apart from the parallel grammar
+
+
+def test_allowed_tokens_are_what_the_grammar_lets_through(grammars):
+    decoding, tokenizer = grammars
+    processor = decoding.processor(decoding.tool_calls([WEATHER], ("name", "get_weather")))
+    prompt = torch.tensor([tokenizer("Weather in Oslo?").input_ids])
+    processor.advance(prompt)
+    allowed = processor.allowed_tokens(len(tokenizer))
+    assert 0 < len(allowed) < 10  # a named tool choice forces the call's opening
+    assert all(OSLO.startswith(tokenizer.decode([t])) for t in allowed.tolist())
+    assert processor.allowed_tokens(len(allowed) - 1) is None  # more than the caller would restrict to
+    free_row = decoding.processor([decoding.tool_calls([WEATHER], None), None])
+    free_row.advance(prompt.repeat(2, 1))
+    assert free_row.allowed_tokens(len(tokenizer)) is None  # a free row needs every logit
+
+
+def test_a_grammar_restricts_the_lm_head_and_generates_the_same_tokens(grammars, tiny_chat_dir):
+    decoding, tokenizer = grammars
+    model = LayerRouteModel.from_base(load_base_model(tiny_chat_dir)[0]).eval()
+    grammar = decoding.tool_calls([WEATHER], ("name", "get_weather"))
+    prompt = torch.tensor([tokenizer("Weather in Oslo?").input_ids])
+    generated, routes = {}, {}
+    for restrict in (True, False):
+        out = model.generate(prompt, forced_skip=(), do_sample=False, max_new_tokens=24, restrict_lm_head=restrict,
+                             logits_processor=LogitsProcessorList([decoding.processor(grammar)]))
+        generated[restrict], routes[restrict] = out[0, prompt.shape[1]:].tolist(), model.last_route
+    assert generated[True] == generated[False]
+    assert tokenizer.decode(generated[True]).startswith('<tool_call>\n{"name": "get_weather", "')
+    # the forced tokens computed a few logits each instead of the vocabulary's: the FLOP count says so
+    assert routes[True].flops_total < routes[False].flops_total
+    processors = LogitsProcessorList([decoding.processor(grammar)])
+    out = model.generate(prompt, forced_skip=(), do_sample=False, max_new_tokens=4, output_logits=True,
+                         return_dict_in_generate=True, logits_processor=processors)
+    assert all(bool(logits.isfinite().all()) for logits in out.logits)  # raw logits asked for: the full head
