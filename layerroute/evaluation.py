@@ -181,9 +181,11 @@ def agent_quality(model: LayerRouteModel, tokenizer, grammars: DecodingGrammars,
     categories are; one whose reference makes several may make several.
 
     Tool-call steps get :func:`layerroute.toolcalls.score_calls` against the reference calls (``valid``,
-    ``names_correct``, ``arguments_correct``); answers after tool results get ``answer_f1`` (token F1 against the
-    reference answer) and ``final_number_correct`` (the last number of the answer equals the reference's, when the
-    reference has one). Each step may generate its reference's length plus ``extra_tokens``.
+    ``names_correct``, ``arguments_correct``), ``called_a_tool`` (the answer began a ``<tool_call>`` block, finished
+    or not) and, when it did, ``valid_when_called``: the form the grammar holds, apart from the choice to call.
+    Answers after tool results get ``called_a_tool``, ``answer_f1`` (token F1 against the reference answer) and
+    ``final_number_correct`` (the last number of the answer equals the reference's, when the reference has one).
+    Each step may generate its reference's length plus ``extra_tokens``.
 
     Returns one record per case, in order, so two models' records pair up step by step; each keeps the ``generated``
     text, so that a wrong call can be read.
@@ -209,7 +211,10 @@ def agent_quality(model: LayerRouteModel, tokenizer, grammars: DecodingGrammars,
         if step.step_type == "tool_call":
             score = score_calls(parsed, step.target["tool_calls"], step.tools)
             record.update(valid=score.valid, names_correct=score.names_correct,
-                          arguments_correct=score.arguments_correct, error=score.error)
+                          arguments_correct=score.arguments_correct, error=score.error,
+                          called_a_tool=bool(parsed.tool_calls or parsed.invalid_tool_calls))
+            if record["called_a_tool"]:  # what the grammar answers for: a call, once begun, is valid
+                record["valid_when_called"] = score.valid
         else:
             reference = step.target.get("content") or ""
             record.update(called_a_tool=bool(parsed.tool_calls or parsed.invalid_tool_calls),
@@ -221,7 +226,7 @@ def agent_quality(model: LayerRouteModel, tokenizer, grammars: DecodingGrammars,
     return records
 
 
-QUALITY_RATES = ("valid", "names_correct", "arguments_correct", "final_number_correct")
+QUALITY_RATES = ("valid", "valid_when_called", "names_correct", "arguments_correct", "final_number_correct")
 
 
 def quality_summary(records: list[dict]) -> dict:

@@ -142,7 +142,8 @@ def score_calls(parsed: ParsedOutput, reference: list[dict], tools: list[dict]) 
     names_correct = sorted(c.name for c in generated) == sorted(name for name, _ in wanted)
     if not names_correct:
         got = ", ".join(c.name for c in generated) or "no call"
-        return CallScore(valid, False, False, f"called {got}; expected {', '.join(n for n, _ in wanted)}")
+        wrong = f"called {got}; expected {', '.join(n for n, _ in wanted)}"
+        return CallScore(valid, False, False, "; ".join(invalid + [wrong]))
     unmatched, mismatches = list(generated), []
     for name, arguments in wanted:
         reasons = []

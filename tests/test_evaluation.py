@@ -64,6 +64,8 @@ def test_evaluate_reports_every_model_and_step_type(tiny_chat_dir, tmp_path, cap
         written = [r for r in records if r["model"] == name and r["step_type"] == "tool_call"]
         assert len(written) == summary["valid"]["steps"]
         assert all(isinstance(r["generated"], str) and "valid" in r and "error" in r for r in written)
+        # the form is scored apart from the choice to call: over the steps that began a call
+        assert sum(r["called_a_tool"] for r in written) == summary.get("valid_when_called", {}).get("steps", 0)
 
 
 def test_across_sources_takes_each_source_in_turn_and_a_smaller_limit_takes_a_prefix():

@@ -67,6 +67,7 @@ def test_score_calls_separates_form_names_and_arguments():
     cut_short = score_calls(parse_tool_calls('<tool_call>\n{"name": "forecast", "arguments": {"ci'), reference[:1],
                             TOOLS)
     assert not cut_short.valid and not cut_short.names_correct
+    assert "not closed" in cut_short.error and "called no call" in cut_short.error  # why, not only what
     assert not score_calls(parse_tool_calls("It is sunny."), reference[:1], TOOLS).valid
 
 

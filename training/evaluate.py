@@ -202,11 +202,11 @@ def write_markdown(path: Path, result: dict) -> None:
             lines.append(f"| {source} | {kind} | {v['steps']} | {v['flops_skipped_frac']:.1%} | {ppl['base']:.3f} | "
                          f"{ppl['layerroute_full_depth']:.3f} | {ppl['layerroute']:.3f} | {v['skip_cost']:+.1%} |")
     lines += ["", "Agent quality of generated steps (tools bound, calls grammar-constrained; 95% intervals):", "",
-              "| model | valid calls | right tool | right arguments | final number | answer F1 |",
-              "|---|---|---|---|---|---|"]
+              "| model | valid calls | valid when calling | right tool | right arguments | final number | answer F1 |",
+              "|---|---|---|---|---|---|---|"]
     for name, summary in result["agent_quality"].items():
-        cells = [_rate(summary.get(key)) for key in ("valid", "names_correct", "arguments_correct",
-                                                    "final_number_correct")]
+        cells = [_rate(summary.get(key)) for key in ("valid", "valid_when_called", "names_correct",
+                                                    "arguments_correct", "final_number_correct")]
         f1 = summary.get("answer_f1")
         cells.append(f"{f1['mean']:.3f} ± {f1['stderr']:.3f} ({f1['steps']})" if f1 else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
