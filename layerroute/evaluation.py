@@ -207,18 +207,16 @@ def agent_quality(model: LayerRouteModel, tokenizer, grammars: DecodingGrammars,
         parsed = parse_tool_calls(text)
         record = {"trace_id": step.trace_id, "index": step.index, "source": step.source,
                   "step_type": step.step_type, "flops_skipped_frac": model.last_route.flops_skipped_frac,
-                  "generated": text}
+                  "generated": text, "called_a_tool": bool(parsed.tool_calls or parsed.invalid_tool_calls)}
         if step.step_type == "tool_call":
             score = score_calls(parsed, step.target["tool_calls"], step.tools)
             record.update(valid=score.valid, names_correct=score.names_correct,
-                          arguments_correct=score.arguments_correct, error=score.error,
-                          called_a_tool=bool(parsed.tool_calls or parsed.invalid_tool_calls))
+                          arguments_correct=score.arguments_correct, error=score.error)
             if record["called_a_tool"]:  # what the grammar answers for: a call, once begun, is valid
                 record["valid_when_called"] = score.valid
         else:
             reference = step.target.get("content") or ""
-            record.update(called_a_tool=bool(parsed.tool_calls or parsed.invalid_tool_calls),
-                          answer_f1=token_f1(parsed.content, reference))
+            record["answer_f1"] = token_f1(parsed.content, reference)
             expected = _last_number(reference)
             if expected is not None:
                 record["final_number_correct"] = _last_number(parsed.content) == expected

@@ -205,8 +205,7 @@ def write_markdown(path: Path, result: dict) -> None:
               "| model | valid calls | valid when calling | right tool | right arguments | final number | answer F1 |",
               "|---|---|---|---|---|---|---|"]
     for name, summary in result["agent_quality"].items():
-        cells = [_rate(summary.get(key)) for key in ("valid", "valid_when_called", "names_correct",
-                                                    "arguments_correct", "final_number_correct")]
+        cells = [_rate(summary.get(key)) for key in QUALITY_RATES]  # the columns, in order
         f1 = summary.get("answer_f1")
         cells.append(f"{f1['mean']:.3f} ± {f1['stderr']:.3f} ({f1['steps']})" if f1 else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
