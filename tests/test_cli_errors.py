@@ -230,6 +230,8 @@ def test_evaluate_refuses_missing_adapters_thresholds_records_and_data_before_lo
     assert f"--lora-only {tmp_path / 'nope'} is not a LayerRoute adapter" in error_of(capsys, "evaluate")
     assert evaluate.main(["--adapter", str(adapter), "--data", LOG, "--skip-threshold", "1.5"]) == 2
     assert "--skip-threshold: " in error_of(capsys, "evaluate")
+    assert evaluate.main(["--adapter", str(adapter), "--data", LOG, "--extra-tokens", "-1"]) == 2
+    assert "--extra-tokens must be at least 0" in error_of(capsys, "evaluate")
     assert evaluate.main(["--adapter", str(adapter), "--data", LOG, "--records", str(tmp_path / "no" / "r.jsonl")]) == 2
     assert f"the directory {tmp_path / 'no'} does not exist" in error_of(capsys, "evaluate")
     assert evaluate.main(["--adapter", str(adapter), "--data", str(tmp_path / "nope.jsonl")]) == 2

@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-generation-steps", type=int, default=20,
                         help="tool-call steps (and at most as many answers) for the frozen base and the LoRA-only "
                              "and static-pruning adapters")
+    parser.add_argument("--extra-tokens", type=int, default=32,
+                        help="a generated step may run this many tokens past its reference's length; a call still "
+                             "open then is scored invalid (cut by the budget)")
     parser.add_argument("--timing-steps", type=int, default=8, help="steps per type timed routed vs full depth")
     parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--skip-threshold", type=float, default=None,
@@ -88,6 +91,8 @@ def main(argv=None) -> int:
     # what the user passed is checked, and the data read, before any model loads
     with user_input("--skip-threshold"):
         check_skip_threshold(args.skip_threshold)
+    if args.extra_tokens < 0:
+        raise UserError(f"--extra-tokens must be at least 0, got {args.extra_tokens}")
     adapters = {"--adapter": args.adapter, "--lora-only": args.lora_only, "--static-pruning": args.static_pruning}
     for flag, path in adapters.items():
         if path is not None and not (path / ADAPTER_CONFIG).is_file():
@@ -158,7 +163,8 @@ def main(argv=None) -> int:
     records = {}
     with args.records.open("w") if args.records else nullcontext() as record_file:
         for name, generating_model, generation_cases, options in generations:
-            records[name] = agent_quality(generating_model, tokenizer, grammars, generation_cases, **options)
+            records[name] = agent_quality(generating_model, tokenizer, grammars, generation_cases,
+                                          extra_tokens=args.extra_tokens, **options)
             if record_file:  # each model's lines as soon as they exist: a long run stopped early keeps them
                 record_file.writelines(json.dumps({"model": name, **record}, ensure_ascii=False) + "\n"
                                        for record in records[name])
