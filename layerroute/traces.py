@@ -1,7 +1,7 @@
 """Agent logs in, canonical traces out.
 
-Every reader turns one record of a log format into a :class:`Trace` in the canonical OpenAI chat-completions form
-of DESIGN.md: ``{"id", "source", "tools": [...], "messages": [...]}``, assistant messages carrying ``tool_calls``
+Every reader turns one record of a log format into a :class:`Trace` in the canonical OpenAI chat-completions form:
+``{"id", "source", "tools": [...], "messages": [...]}``, assistant messages carrying ``tool_calls``
 (arguments as a JSON string) and ``tool`` messages carrying ``tool_call_id`` and ``name``. ``source`` names the data
 set a trace comes from (read from the ``openai`` form's ``source`` field; ``"unknown"`` when a record has none).
 

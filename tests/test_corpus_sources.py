@@ -16,7 +16,7 @@ CORPUS = Path(__file__).parents[1] / "training" / "data" / "corpus"
 SPLITS = ("train", "validation", "test")
 SOURCES = ("bfcl_single_turn", "bfcl_multi_turn", "gsm8k", "gsm_symbolic", "glaive", "reason_tool_use",
            "complexfuncbench", "mmlu_cot", "acpbench_cot")
-# Never part of the corpus (DESIGN.md, "More real data offline, and reserved data").
+# Reserved for independent evaluation: never part of the corpus.
 RESERVED = ("math", "minerva", "champ", "bigbench", "agentdojo", "tau2")
 
 
