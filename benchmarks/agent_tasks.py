@@ -1,8 +1,8 @@
 """Do agents still succeed under routing? Small multi-step tasks with real tools, routed against full depth.
 
 Each task is a question for the agent of `examples/agent.py` (`langchain.agents.create_agent` with `ChatLayerRoute`,
-its calculator, country table and length converter, and its retry of malformed calls) with a checkable answer: a
-capital, or a number within 1%. Every task runs twice, with routing on and with `routing="off"` (the same adapter at
+its calculator, country table and length converter, its middleware: a retry of malformed calls, one call per step,
+and an answer in text once a call repeats) with a checkable answer: a capital, or a number within 1%. Every task runs twice, with routing on and with `routing="off"` (the same adapter at
 full depth, every block running), for at most --max-model-steps model calls each. Printed: task success with its 95%
 interval and the tasks only one of the two solved; model steps per task; FLOPs saved per step type (from the cost
 records the run writes).
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "examples"))
 
-from agent import COUNTRIES, SYSTEM_PROMPT, TOOLS, UNITS_TO_METRE, retry_malformed_calls  # noqa: E402
+from agent import COUNTRIES, MIDDLEWARE, SYSTEM_PROMPT, TOOLS, UNITS_TO_METRE  # noqa: E402
 from langchain.agents import create_agent  # noqa: E402
 from langgraph.errors import GraphRecursionError  # noqa: E402
 
@@ -58,7 +58,7 @@ def solved(answer: str, expected: str | float) -> bool:
 
 def run(llm: ChatLayerRoute, question: str, max_model_steps: int) -> tuple[str, int]:
     """The agent's final text answer ('' when it gave none) and the model steps it took."""
-    agent = create_agent(llm, tools=TOOLS, middleware=[retry_malformed_calls], system_prompt=SYSTEM_PROMPT)
+    agent = create_agent(llm, tools=TOOLS, middleware=MIDDLEWARE, system_prompt=SYSTEM_PROMPT)
     messages = []
     try:
         for state in agent.stream({"messages": [("user", question)]}, {"recursion_limit": 3 * max_model_steps},

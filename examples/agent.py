@@ -6,18 +6,21 @@
 The tools: a calculator (safe arithmetic), a lookup in a small country table and a length converter. The model is the embedded
 SmolLM2-135M-Instruct with the shipped LayerRoute adapter, so expect a 135M model's reasoning; what the example
 shows is the plumbing: every step's type, the blocks it skipped and what it cost. A step whose tool calls are all
-malformed does not end the run: the errors go back to the model, which tries again.
+malformed does not end the run: the errors go back to the model, which tries again. Each step makes at most one
+call, and a step that repeats a call already answered (same tool, same arguments) shows the model looping instead
+of answering, so the steps after it must answer in text (tool choice "none": the grammar then allows no call).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import json
 import operator
 from pathlib import Path
 
 from langchain.agents import create_agent
-from langchain.agents.middleware import AgentState, after_model
+from langchain.agents.middleware import AgentState, ModelRequest, after_model, wrap_model_call
 from langchain_core.tools import tool
 from langgraph.errors import GraphRecursionError
 
@@ -91,6 +94,27 @@ def retry_malformed_calls(state: AgentState, runtime) -> dict | None:
     return None
 
 
+@wrap_model_call
+def one_call_at_a_time(request: ModelRequest, handler):
+    """Each step makes at most one call, and once a step has repeated a call the run already made, every later step
+    answers in text.
+
+    The example's tasks are sequential, and a small model's second call in one answer is where it runs away (digits
+    until the token limit). It may also call the same tool with the same arguments again and again instead of
+    answering from the result it already holds; the repeat shows that it has what it asked for.
+    """
+    calls = [(call["name"], json.dumps(call["args"], sort_keys=True))
+             for message in request.messages if message.type == "ai" for call in message.tool_calls]
+    settings = {**request.model_settings, "parallel_tool_calls": False}
+    if len(calls) != len(set(calls)):
+        return handler(request.override(tool_choice="none", model_settings=settings))
+    return handler(request.override(model_settings=settings))
+
+
+# the agent's middleware, in order (benchmarks/agent_tasks.py runs the same agent)
+MIDDLEWARE = [retry_malformed_calls, one_call_at_a_time]
+
+
 def print_message(message) -> None:
     route = message.response_metadata.get("layerroute") if message.type == "ai" else None
     summary = f"  [{route['step_type']}: skipped {len(route['skipped_layers'])}/{route['num_layers']} blocks, " \
@@ -110,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
 
     llm = ChatLayerRoute(adapter=args.adapter, max_tokens=160)
-    agent = create_agent(llm, tools=TOOLS, middleware=[retry_malformed_calls], system_prompt=SYSTEM_PROMPT)
+    agent = create_agent(llm, tools=TOOLS, middleware=MIDDLEWARE, system_prompt=SYSTEM_PROMPT)
     args.costs.unlink(missing_ok=True)
     messages = []
     # a model call, its after-model hook and its round of tool calls are three graph steps
