@@ -20,7 +20,7 @@ from conftest import tiny_qwen2
 from safetensors.torch import load_file
 
 from layerroute import LayerRouteConfig, LayerRouteModel
-from layerroute.recipe import TrainingConfig, joint_step, lora_step
+from layerroute.recipe import TrainingConfig, joint_step, lora_step, refit_routers, warmup_step
 from layerroute.skip_costs import recording_probes, skip_costs
 from layerroute.steps import TokenizedStep
 from layerroute.training import (
@@ -98,6 +98,35 @@ def probed_forward(model: LayerRouteModel, batch: dict, **kwargs):
     with recording_probes(model) as probes:
         out = model(**batch, record_router_features=True, **kwargs)
     return out, probes
+
+
+def test_warmup_steps_fit_the_routers_alone_and_the_refit_rereads_what_they_remembered(accelerator):
+    model = LayerRouteModel.from_base(tiny_qwen2(), LayerRouteConfig(router_init_bias=0.0)).train()
+    data = examples(count=8)
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    routers = [p for n, p in model.named_parameters() if ".router." in n]
+    routers_before = [p.detach().clone() for p in routers]
+    router_optimizer = torch.optim.AdamW(routers, lr=1e-2)
+    price, memory = Price(0.5, 1.0), SkipCostMemory(model.num_layers, "loss")
+    anchor = RouterAnchor(model.num_layers, model.shape.block.hidden_size)
+    order = batches(len(data), 4, seed=0)
+    for step in range(3):
+        rows = next(order)
+        batch = collate([data[i] for i in rows], pad_token_id=0)
+        outcome = warmup_step(accelerator, model, batch, price, memory, anchor, router_optimizer,
+                              probed_blocks(model.num_layers, 2, seed=0, step=step), fit_steps=2,
+                              example_ids=torch.tensor(rows))
+        assert outcome.loss.grad_fn is None  # measured, not trained through
+    assert all(torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if "lora_" in n)
+    assert any(not torch.equal(before, after) for before, after in zip(routers_before, routers, strict=True))
+    assert anchor.reference_rows == 12 and price.multiplier != 0.0
+
+    remembered = memory.remembered_examples()
+    assert 0 < len(remembered) <= len(data)
+    count, share = refit_routers(model, price, memory, router_optimizer, data, pad_token_id=0, batch_size=4,
+                                 rounds=2, fit_steps=2)
+    assert count == len(remembered) and 0.0 <= share <= 1.0
+    assert not any(p.requires_grad for p in routers)  # frozen again for the LoRA phase
 
 
 def test_kl_skip_costs_equal_rerunning_the_batch_with_the_block_removed():
