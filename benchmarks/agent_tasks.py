@@ -2,10 +2,10 @@
 
 Each task is a question for the agent of `examples/agent.py` (`langchain.agents.create_agent` with `ChatLayerRoute`,
 its calculator, country table and length converter, its middleware: a retry of malformed calls, one call per step,
-and an answer in text once a call repeats) with a checkable answer: a capital, or a number within 1%. Every task runs twice, with routing on and with `routing="off"` (the same adapter at
-full depth, every block running), for at most --max-model-steps model calls each. Printed: task success with its 95%
-interval and the tasks only one of the two solved; model steps per task; FLOPs saved per step type (from the cost
-records the run writes).
+and an answer in text once a call repeats) with a checkable answer: a capital, or a number within 1%. Every task runs
+twice, with routing on and with `routing="off"` (the same adapter at full depth, every block running), for at most
+--max-model-steps model calls each. Printed: task success with its 95% interval and the tasks only one of the two
+solved; model steps per task; FLOPs saved per step type (from the cost records the run writes).
 
     python benchmarks/agent_tasks.py                   # embedded SmolLM2-135M with the shipped adapter, CPU
     python benchmarks/agent_tasks.py --tasks 8         # the first 8 tasks only

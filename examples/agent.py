@@ -105,10 +105,10 @@ def one_call_at_a_time(request: ModelRequest, handler):
     """
     calls = [(call["name"], json.dumps(call["args"], sort_keys=True))
              for message in request.messages if message.type == "ai" for call in message.tool_calls]
-    settings = {**request.model_settings, "parallel_tool_calls": False}
+    overrides = {"model_settings": {**request.model_settings, "parallel_tool_calls": False}}
     if len(calls) != len(set(calls)):
-        return handler(request.override(tool_choice="none", model_settings=settings))
-    return handler(request.override(model_settings=settings))
+        overrides["tool_choice"] = "none"
+    return handler(request.override(**overrides))
 
 
 # the agent's middleware, in order (benchmarks/agent_tasks.py runs the same agent)
