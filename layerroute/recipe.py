@@ -20,14 +20,15 @@ every process, so that all processes fit the same routers. Step types never reac
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from .config import ROUTER_POOLINGS
 from .model import LayerRouteOutput
-from .skip_costs import SKIP_COST_MEASURES, recording_probes
+from .skip_costs import SKIP_COST_MEASURES, recording_probes, target_log_probs
 from .steps import TokenizedStep
 from .training import (
     PROBE_PRECISIONS,
@@ -68,6 +69,8 @@ class TrainingConfig:
             gap between the target and the skipped share, after every step.
         router_pooling: what a fresh adapter's routers read (``LayerRouteConfig.router_pooling``).
         router_init_bias: a fresh adapter's initial router bias (``LayerRouteConfig.router_init_bias``).
+        base_kl_weight: the weight, in :func:`lora_step`'s loss, of the KL divergence of the frozen base's next-token
+            distributions at full depth from LoRA's as routed (:func:`divergence_from_base`); 0: the task loss alone.
         skip_cost: how a measured skip costs a row: ``"kl"``, the KL divergence of its next-token distributions without
             the block from with it (the loss increase expected under the model's own predictions); ``"loss"``, the
             increase of its loss on the reference tokens.
@@ -104,6 +107,7 @@ class TrainingConfig:
     multiplier_step_size: float = 1.0
     router_pooling: str = "last"
     router_init_bias: float = 4.0
+    base_kl_weight: float = 0.0
     skip_cost: str = "kl"
     skip_cost_blocks: int = 4
     probe_selection: str = "uniform"
@@ -121,6 +125,8 @@ class TrainingConfig:
                               ("probe_selection", PROBE_SELECTIONS), ("probe_precision", PROBE_PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.base_kl_weight < 0:
+            raise ValueError(f"base_kl_weight must be at least 0 (0: the task loss alone), got {self.base_kl_weight}")
         if not 0.0 <= self.target_skip_rate < 1.0:
             raise ValueError(f"target_skip_rate must lie in [0, 1), got {self.target_skip_rate}")
         if not 0.0 <= self.familiarity_quantile <= 1.0:
@@ -186,20 +192,55 @@ def warmup_step(accelerator, model, batch: dict[str, torch.Tensor], price: Price
 
 
 def lora_step(accelerator, model, batch: dict[str, torch.Tensor], lora_optimizer: torch.optim.Optimizer,
-              anchor: RouterAnchor | None = None, forced_skip: Iterable[int] | None = None) -> StepOutcome:
+              anchor: RouterAnchor | None = None, forced_skip: Iterable[int] | None = None,
+              base_kl_weight: float = 0.0) -> StepOutcome:
     """LoRA learns under the routers' decisions, the routers' weights frozen (blocks they skip do not run): one step
-    of ``lora_optimizer`` on the task loss, gradients clipped to :data:`MAX_GRAD_NORM`. With ``anchor``, every
-    router's bias then follows the shift of what it reads (:meth:`RouterAnchor.follow`). ``forced_skip`` bypasses the
-    routers as in :meth:`LayerRouteModel.forward` (``()``: the LoRA-only baseline runs every block)."""
+    of ``lora_optimizer`` on the task loss (plus ``base_kl_weight`` times :func:`divergence_from_base`), gradients
+    clipped to :data:`MAX_GRAD_NORM`. With ``anchor``, every router's bias then follows the shift of what it reads
+    (:meth:`RouterAnchor.follow`). ``forced_skip`` bypasses the routers as in :meth:`LayerRouteModel.forward` (``()``:
+    the LoRA-only baseline runs every block)."""
+    unwrapped = accelerator.unwrap_model(model)
     with accelerator.autocast():
-        out = model(**batch, forced_skip=forced_skip, record_router_features=anchor is not None)
-    accelerator.backward(out.loss)
+        with _final_hidden_states(unwrapped) as final:
+            out = model(**batch, forced_skip=forced_skip, record_router_features=anchor is not None)
+        loss = out.loss
+        if base_kl_weight:
+            loss = loss + base_kl_weight * divergence_from_base(unwrapped, batch, final["hidden"])
+    accelerator.backward(loss)
     accelerator.clip_grad_norm_(_parameters(lora_optimizer), MAX_GRAD_NORM)
     lora_optimizer.step()
     lora_optimizer.zero_grad(set_to_none=True)
     if anchor is not None:
-        anchor.follow(accelerator.unwrap_model(model), accelerator.gather(out.router_features.contiguous()))
-    return _outcome(accelerator, out, batch, out.loss, torch.zeros((), device=out.loss.device))
+        anchor.follow(unwrapped, accelerator.gather(out.router_features.contiguous()))
+    return _outcome(accelerator, out, batch, loss, torch.zeros((), device=out.loss.device))
+
+
+def divergence_from_base(model, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    """The KL divergence KL(base || adapter) of next-token distributions, averaged over the batch's supervised
+    positions: the frozen base's at full depth (LoRA off, one forward without gradients) from the ones read off
+    ``hidden`` ``(batch, seq_len, hidden)``, the final hidden states of the adapter's forward of the same ``batch``.
+    Differentiable through ``hidden``."""
+    predicting = batch["labels"][:, 1:] != -100
+    with torch.no_grad(), model.lora_disabled(), recording_probes(model) as probes:
+        model(**batch, forced_skip=())
+    base = target_log_probs(model, probes.final_hidden, predicting)
+    adapter = target_log_probs(model, hidden, predicting)
+    return (base.exp() * (base - adapter)).sum(dim=-1).mean()
+
+
+@contextmanager
+def _final_hidden_states(model) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside, a forward of ``model`` leaves its final hidden states, with their graph, under ``"hidden"``."""
+    final: dict[str, torch.Tensor] = {}
+
+    def record(module, args, kwargs, output):
+        final["hidden"] = output.last_hidden_state
+
+    handle = model.base_model.model.register_forward_hook(record, with_kwargs=True)
+    try:
+        yield final
+    finally:
+        handle.remove()
 
 
 def joint_step(accelerator, model, batch: dict[str, torch.Tensor], price: Price, memory: SkipCostMemory,

@@ -82,7 +82,7 @@ def skip_costs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
     if measure == "kl":
         predicting = labels[:, 1:] != -100
         row_of = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(predicting)[predicting]
-        current = _target_log_probs(model, probes.final_hidden, predicting)
+        current = target_log_probs(model, probes.final_hidden, predicting)
     else:
         current = output.token_nll.detach().sum(dim=1)
     costs = []
@@ -99,7 +99,7 @@ def skip_costs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
         finally:
             ROUTING_STATE.reset(token)
         if measure == "kl":
-            flipped = _target_log_probs(model, hidden, predicting)
+            flipped = target_log_probs(model, hidden, predicting)
             runs = output.keep[row_of, block][:, None].to(current.device)
             with_block, without_block = torch.where(runs, current, flipped), torch.where(runs, flipped, current)
             divergence = (with_block.exp() * (with_block - without_block)).sum(dim=-1)
@@ -110,7 +110,7 @@ def skip_costs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
     return torch.stack(costs, dim=1)
 
 
-def _target_log_probs(model, hidden: torch.Tensor, predicting: torch.Tensor) -> torch.Tensor:
+def target_log_probs(model, hidden: torch.Tensor, predicting: torch.Tensor) -> torch.Tensor:
     """``(positions, vocab)`` next-token log-probabilities at the ``predicting`` ``(batch, seq_len - 1)`` positions of
     ``hidden`` ``(batch, seq_len, hidden)``."""
     return F.log_softmax(model._target_logits(hidden, predicting).float(), dim=-1)

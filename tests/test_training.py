@@ -20,7 +20,14 @@ from conftest import tiny_qwen2
 from safetensors.torch import load_file
 
 from layerroute import LayerRouteConfig, LayerRouteModel
-from layerroute.recipe import TrainingConfig, joint_step, lora_step, refit_routers, warmup_step
+from layerroute.recipe import (
+    TrainingConfig,
+    divergence_from_base,
+    joint_step,
+    lora_step,
+    refit_routers,
+    warmup_step,
+)
 from layerroute.skip_costs import recording_probes, skip_costs
 from layerroute.steps import TokenizedStep
 from layerroute.training import (
@@ -91,6 +98,31 @@ def test_routers_receive_gradients_through_the_estimator(accelerator):
     lora_step(accelerator, model, batch, torch.optim.AdamW(lora))  # the task loss alone, through the hard gates
     assert all(router.proj.weight.grad is not None and router.proj.weight.grad.abs().sum() > 0
                for router in model.routers)
+
+
+def test_the_pull_toward_the_base_is_zero_at_the_base_and_holds_lora_closer_to_it(accelerator):
+    batch = collate(examples()[:4], pad_token_id=0)
+
+    def divergence(model: LayerRouteModel) -> float:
+        with torch.no_grad():
+            out, probes = probed_forward(model, batch)
+            return divergence_from_base(model, batch, probes.final_hidden).item()
+
+    divergences = {}
+    for weight in (0.0, 10.0):
+        torch.manual_seed(0)
+        model = LayerRouteModel.from_base(tiny_qwen2(initializer_range=0.3)).train()
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+        optimizer = torch.optim.AdamW(lora, lr=3e-2)
+        first = lora_step(accelerator, model, batch, optimizer, base_kl_weight=weight)
+        # fresh LoRA (B = 0) and routers that keep every block: the adapter is the base, so nothing pulls
+        assert first.loss.item() == pytest.approx(first.output.loss.item(), abs=1e-6)
+        for _ in range(20):
+            last = lora_step(accelerator, model, batch, optimizer, base_kl_weight=weight)
+        if weight:
+            assert last.loss.item() > last.output.loss.item()
+        divergences[weight] = divergence(model)
+    assert 0.0 < divergences[10.0] < 0.5 * divergences[0.0]
 
 
 def probed_forward(model: LayerRouteModel, batch: dict, **kwargs):

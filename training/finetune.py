@@ -367,7 +367,7 @@ def main(argv=None) -> int:
                                  blocks_to_probe(step), config.router_fit_steps, example_ids)
         else:
             outcome = lora_step(accelerator, model, batch, optimizers[0], anchor if config.router_warmup else None,
-                                forced_skip=() if config.no_routing else None)
+                                forced_skip=() if config.no_routing else None, base_kl_weight=config.base_kl_weight)
         for scheduler in schedulers:
             scheduler.step()
         if log_and_checkpoint(step, indices, outcome, began, bar):
