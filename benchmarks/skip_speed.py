@@ -2,8 +2,9 @@
 
 For k = 0, 3, 6, ... blocks forced off (spread evenly over the depth), times a prefill of --prompt-tokens tokens and a
 generation of --new-tokens tokens (greedy, KV cache), takes the median of --repeats runs, and prints the measured
-time ratio against k = 0 next to the ideal ratio from the FLOP count. Also measures the overhead of routing with
-nothing skipped against the plain base model. LoRA is merged into the weights, as a server would run it
+time ratio against k = 0 next to the ideal ratio from the FLOP count; then the same for the decode alone (each
+repeat's generation less its prefill, against the decode forwards' own FLOP count). Also measures the overhead of
+routing with nothing skipped against the plain base model. LoRA is merged into the weights, as a server would run it
 (--no-merge keeps the LoRA matmuls, which cost about 20% on this model at batch 1 on CPU).
 
 At each of --batch-sizes it times the generation of a batch whose rows share one skip set of k blocks against the
@@ -33,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from layerroute import LayerRouteModel, load_base_model  # noqa: E402
 
 
-def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each run; every repeat runs all of them once, in a fresh random order, so drift in the
-    machine's speed (other processes, thermal state) hits every configuration alike."""
+def interleaved_times(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run, one per repeat; every repeat runs all of them once, in a fresh random order, so drift in
+    the machine's speed (other processes, thermal state) hits every configuration alike."""
     for run in runs.values():
         run()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -47,7 +48,7 @@ def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> 
             start = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def spread(num_layers: int, k: int) -> list[int]:
@@ -114,7 +115,11 @@ def main() -> None:
           f"new_tokens={args.new_tokens} repeats={args.repeats} threads={torch.get_num_threads()} "
           f"lora={'unmerged' if args.no_merge else 'merged'}")
     with torch.no_grad():
-        seconds = interleaved_medians(runs, args.repeats)
+        times = interleaved_times(runs, args.repeats)
+        seconds = {name: statistics.median(values) for name, values in times.items()}
+        # decode alone: a generation less the prefill of the same repeat (the first new token comes from the prefill)
+        decode_seconds = {k: statistics.median(g - p for g, p in zip(times[f"{k} generate"], times[f"{k} prefill"]))
+                          for k in skips}
         rows = []
         for k, skip in skips.items():
             model.generate(input_ids, forced_skip=skip, **prefill_kwargs)
@@ -138,6 +143,19 @@ def main() -> None:
         )
         print(f"| {k} | {prefill_s * 1e3:.1f} | {prefill_ratio:.3f} | {ideal_prefill:.3f} | {generate_s * 1e3:.1f} | "
               f"{generate_ratio:.3f} | {ideal_generate:.3f} | {achieved} |")
+    # The generation's FLOP ideal weighs a prefill FLOP like a decode FLOP, but at batch 1 a decode FLOP costs far
+    # more time (one token per pass over the weights), so decode, with its unskippable LM head, is judged on its own.
+    print()
+    print("| k skipped | decode ms per token | decode ratio | ideal | saving achieved (decode) |")
+    print("|---|---|---|---|---|")
+    decode_tokens = args.new_tokens - 1
+    base_decode = decode_seconds[0]
+    for k, _, _, prefill_route, route in rows:
+        ratio = decode_seconds[k] / base_decode
+        decode_flops = route.flops_total - prefill_route.flops_total
+        ideal = 1 - (route.flops_skipped - prefill_route.flops_skipped) / decode_flops
+        achieved = f"{(1 - ratio) / (1 - ideal):.0%}" if k else "-"
+        print(f"| {k} | {decode_seconds[k] * 1e3 / decode_tokens:.2f} | {ratio:.3f} | {ideal:.3f} | {achieved} |")
     print()
     print("| routing overhead, nothing skipped | plain base ms | routed ms | overhead |")
     print("|---|---|---|---|")
