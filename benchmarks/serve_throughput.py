@@ -155,20 +155,19 @@ def main() -> None:
                 print(f"  c={concurrency:<3} {config:<12} {tokens / seconds:7.1f} tok/s  "
                       + "  ".join(f"{kind} {100 * frac:5.1f}%" for kind, frac in saved.items()), flush=True)
 
-        # server overhead at concurrency 1: the same steps in process through ChatLayerRoute
+        # server overhead at concurrency 1: the same steps in process through ChatLayerRoute, each step timed both
+        # ways back to back, in alternating order, so that drift in the machine's speed hits both alike
         llm = ChatLayerRoute(model=args.model, adapter=args.adapter, max_tokens=args.max_tokens)
-        local = []
-        for step in chosen:
-            bound = llm.bind_tools(step.tools) if step.tools else llm
-            began = time.perf_counter()
-            bound.invoke(convert_to_messages(step.context))
-            local.append(time.perf_counter() - began)
-        remote = []
+        local, remote = [], []
         with httpx.Client(base_url=servers["grouped"].url, timeout=600) as client:
-            for body in bodies:
-                began = time.perf_counter()
-                client.post("/v1/chat/completions", json=body).raise_for_status()
-                remote.append(time.perf_counter() - began)
+            for index, (step, body) in enumerate(zip(chosen, bodies)):
+                bound = llm.bind_tools(step.tools) if step.tools else llm
+                calls = [(local, lambda: bound.invoke(convert_to_messages(step.context))),
+                         (remote, lambda: client.post("/v1/chat/completions", json=body).raise_for_status())]
+                for times, call in calls if index % 2 == 0 else calls[::-1]:
+                    began = time.perf_counter()
+                    call()
+                    times.append(time.perf_counter() - began)
     finally:
         for server in {id(s): s for s in servers.values()}.values():
             server.close()
