@@ -154,7 +154,8 @@ class StepOutcome:
 
     Attributes:
         output: the step's forward.
-        loss: what the step minimised (``output.loss`` plus ``router_loss``); without a gradient in a warm-up step.
+        loss: what the step minimised (``output.loss`` plus ``router_loss``, or in :func:`lora_step` plus the
+            weighted :func:`divergence_from_base`); without a gradient in a warm-up step.
         router_loss: the routers' fit to the remembered skip costs at the step's start (zero where routers do not
             learn).
         blocks_skipped: share of (row, block) decisions that skipped, over every process's rows.
