@@ -20,15 +20,15 @@ every process, so that all processes fit the same routers. Step types never reac
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from .config import ROUTER_POOLINGS
 from .model import LayerRouteOutput
-from .skip_costs import SKIP_COST_MEASURES, recording_probes, target_log_probs
+from .skip_costs import SKIP_COST_MEASURES, next_token_divergence, recording_probes, target_log_probs
 from .steps import TokenizedStep
 from .training import (
     PROBE_PRECISIONS,
@@ -202,11 +202,11 @@ def lora_step(accelerator, model, batch: dict[str, torch.Tensor], lora_optimizer
     the LoRA-only baseline runs every block)."""
     unwrapped = accelerator.unwrap_model(model)
     with accelerator.autocast():
-        with _final_hidden_states(unwrapped) as final:
+        with recording_probes(unwrapped, keep_graph=True) if base_kl_weight else nullcontext() as probes:
             out = model(**batch, forced_skip=forced_skip, record_router_features=anchor is not None)
         loss = out.loss
         if base_kl_weight:
-            loss = loss + base_kl_weight * divergence_from_base(unwrapped, batch, final["hidden"])
+            loss = loss + base_kl_weight * divergence_from_base(unwrapped, batch, probes.final_hidden)
     accelerator.backward(loss)
     accelerator.clip_grad_norm_(_parameters(lora_optimizer), MAX_GRAD_NORM)
     lora_optimizer.step()
@@ -222,26 +222,12 @@ def divergence_from_base(model, batch: dict[str, torch.Tensor], hidden: torch.Te
     ``hidden`` ``(batch, seq_len, hidden)``, the final hidden states of the adapter's forward of the same ``batch``.
     Differentiable through ``hidden``."""
     predicting = batch["labels"][:, 1:] != -100
-    with torch.no_grad(), model.lora_disabled(), recording_probes(model) as probes:
-        model(**batch, forced_skip=())
-    base = target_log_probs(model, probes.final_hidden, predicting)
-    adapter = target_log_probs(model, hidden, predicting)
-    return (base.exp() * (base - adapter)).sum(dim=-1).mean()
-
-
-@contextmanager
-def _final_hidden_states(model) -> Iterator[dict[str, torch.Tensor]]:
-    """Inside, a forward of ``model`` leaves its final hidden states, with their graph, under ``"hidden"``."""
-    final: dict[str, torch.Tensor] = {}
-
-    def record(module, args, kwargs, output):
-        final["hidden"] = output.last_hidden_state
-
-    handle = model.base_model.model.register_forward_hook(record, with_kwargs=True)
-    try:
-        yield final
-    finally:
-        handle.remove()
+    with torch.no_grad(), model.lora_disabled():
+        # the wrapped HF model called directly runs every block: the base at full depth, no LM head on the way
+        base_hidden = model.base_model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                             use_cache=False).last_hidden_state
+    base = target_log_probs(model, base_hidden, predicting)
+    return next_token_divergence(base, target_log_probs(model, hidden, predicting)).mean()
 
 
 def joint_step(accelerator, model, batch: dict[str, torch.Tensor], price: Price, memory: SkipCostMemory,

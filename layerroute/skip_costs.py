@@ -21,11 +21,12 @@ SKIP_COST_MEASURES = ("loss", "kl")  # the choices of skip_costs(measure=...)
 
 @dataclass
 class Probes:
-    """What a forward left for :func:`skip_costs`.
+    """What a forward left for :func:`skip_costs` (or for a loss on its final hidden states).
 
     Attributes:
         block_inputs: block index -> the block's input hidden states ``(batch, seq_len, hidden)``, detached.
-        final_hidden: ``(batch, seq_len, hidden)``, the last block's normalised output, detached.
+        final_hidden: ``(batch, seq_len, hidden)``, the last block's normalised output, detached unless recorded with
+            ``keep_graph``.
     """
 
     block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -33,17 +34,17 @@ class Probes:
 
 
 @contextmanager
-def recording_probes(model) -> Iterator[Probes]:
+def recording_probes(model, keep_graph: bool = False) -> Iterator[Probes]:
     """Inside, a forward of ``model`` (or of the module that wraps it, e.g. under DDP) records its :class:`Probes`
     into the one this yields (a later forward replaces them). Measure after leaving the block: the measurement's own
-    forwards must not be recorded."""
+    forwards must not be recorded. ``keep_graph``: ``final_hidden`` keeps its autograd graph, for a loss on it."""
     probes = Probes()
 
     def record_input(block, args, kwargs):
         probes.block_inputs[block.layer_idx] = (args[0] if args else kwargs["hidden_states"]).detach()
 
     def record_output(module, args, kwargs, output):
-        probes.final_hidden = output.last_hidden_state.detach()
+        probes.final_hidden = output.last_hidden_state if keep_graph else output.last_hidden_state.detach()
 
     handles = [block.register_forward_pre_hook(record_input, with_kwargs=True) for block in model.blocks]
     handles.append(model.base_model.model.register_forward_hook(record_output, with_kwargs=True))
@@ -102,12 +103,17 @@ def skip_costs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
             flipped = target_log_probs(model, hidden, predicting)
             runs = output.keep[row_of, block][:, None].to(current.device)
             with_block, without_block = torch.where(runs, current, flipped), torch.where(runs, flipped, current)
-            divergence = (with_block.exp() * (with_block - without_block)).sum(dim=-1)
+            divergence = next_token_divergence(with_block, without_block)
             costs.append(torch.zeros(labels.shape[0], device=divergence.device).index_add_(0, row_of, divergence))
         else:
             flipped = model._supervised_loss(hidden, labels)[1].sum(dim=1)
             costs.append(torch.where(output.keep[:, block], flipped - current, current - flipped))
     return torch.stack(costs, dim=1)
+
+
+def next_token_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``(positions,)`` KL(p || q) of the next-token distributions given as log-probabilities ``(positions, vocab)``."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
 def target_log_probs(model, hidden: torch.Tensor, predicting: torch.Tensor) -> torch.Tensor:

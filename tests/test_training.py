@@ -105,7 +105,7 @@ def test_the_pull_toward_the_base_is_zero_at_the_base_and_holds_lora_closer_to_i
 
     def divergence(model: LayerRouteModel) -> float:
         with torch.no_grad():
-            out, probes = probed_forward(model, batch)
+            _, probes = probed_forward(model, batch)
             return divergence_from_base(model, batch, probes.final_hidden).item()
 
     divergences = {}
