@@ -79,6 +79,9 @@ class LayerRouteOutput:
         loss: mean next-token loss over supervised positions, when ``labels`` were given.
         token_nll: ``(batch, seq_len)`` next-token loss of each supervised position (0 elsewhere), aligned with
             ``labels``; when ``labels`` were given.
+        target_logits: ``(positions, vocab)``, the LM head on the positions that predict a supervised token, in the
+            order of ``labels[:, 1:][labels[:, 1:] != -100]``; when ``labels`` were given (differentiable in
+            training, so a loss on the predicted distributions needs no second LM-head pass).
         keep_probs: ``(batch, num_layers)`` keep probability of every block (differentiable in training).
         keep: ``(batch, num_layers)`` bool, which blocks ran for each row.
         router_features: ``(batch, num_layers, hidden)``, what every router read, detached, when the forward was asked
@@ -88,6 +91,7 @@ class LayerRouteOutput:
     logits: torch.Tensor | None
     loss: torch.Tensor | None
     token_nll: torch.Tensor | None
+    target_logits: torch.Tensor | None
     keep_probs: torch.Tensor
     keep: torch.Tensor
     router_features: torch.Tensor | None = None
@@ -269,12 +273,12 @@ class LayerRouteModel(nn.Module):
         try:
             if labels is None:
                 logits = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-                loss = token_nll = None
+                loss = token_nll = target_logits = None
             else:
                 hidden = self.base_model.model(
                     input_ids=input_ids, attention_mask=attention_mask, use_cache=False
                 ).last_hidden_state
-                loss, token_nll = self._supervised_loss(hidden, labels)
+                loss, token_nll, target_logits = self._supervised_loss(hidden, labels)
                 logits = None
         finally:
             ROUTING_STATE.reset(token)
@@ -283,14 +287,17 @@ class LayerRouteModel(nn.Module):
         router_features = None
         if state.router_features:
             router_features = torch.stack([state.router_features[i] for i in range(self.num_layers)], dim=1)
-        return LayerRouteOutput(logits=logits, loss=loss, token_nll=token_nll, keep_probs=keep_probs, keep=keep,
-                                router_features=router_features)
+        return LayerRouteOutput(logits=logits, loss=loss, token_nll=token_nll, target_logits=target_logits,
+                                keep_probs=keep_probs, keep=keep, router_features=router_features)
 
     def _target_logits(self, hidden: torch.Tensor, predicting: torch.Tensor) -> torch.Tensor:
         """The LM head on the ``predicting`` positions only: ``(positions, vocab)``."""
         return self.base_model.get_output_embeddings()(hidden[:, :-1][predicting])
 
-    def _supervised_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _supervised_loss(self, hidden: torch.Tensor,
+                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mean loss, ``token_nll`` and ``target_logits`` of :class:`LayerRouteOutput`, read off the final hidden
+        states ``(batch, seq_len, hidden)``."""
         targets = labels[:, 1:]
         predicting = targets != -100
         if not bool(predicting.any()):
@@ -299,7 +306,7 @@ class LayerRouteModel(nn.Module):
         nll = F.cross_entropy(logits.float(), targets[predicting], reduction="none")
         token_nll = torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device)
         token_nll[:, 1:][predicting] = nll
-        return nll.mean(), token_nll
+        return nll.mean(), token_nll, logits
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from .config import ROUTER_POOLINGS
 from .model import LayerRouteOutput
@@ -202,11 +202,10 @@ def lora_step(accelerator, model, batch: dict[str, torch.Tensor], lora_optimizer
     the LoRA-only baseline runs every block)."""
     unwrapped = accelerator.unwrap_model(model)
     with accelerator.autocast():
-        with recording_probes(unwrapped, keep_graph=True) if base_kl_weight else nullcontext() as probes:
-            out = model(**batch, forced_skip=forced_skip, record_router_features=anchor is not None)
+        out = model(**batch, forced_skip=forced_skip, record_router_features=anchor is not None)
         loss = out.loss
         if base_kl_weight:
-            loss = loss + base_kl_weight * divergence_from_base(unwrapped, batch, probes.final_hidden)
+            loss = loss + base_kl_weight * divergence_from_base(unwrapped, batch, out.target_logits)
     accelerator.backward(loss)
     accelerator.clip_grad_norm_(_parameters(lora_optimizer), MAX_GRAD_NORM)
     lora_optimizer.step()
@@ -216,18 +215,18 @@ def lora_step(accelerator, model, batch: dict[str, torch.Tensor], lora_optimizer
     return _outcome(accelerator, out, batch, loss, torch.zeros((), device=out.loss.device))
 
 
-def divergence_from_base(model, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+def divergence_from_base(model, batch: dict[str, torch.Tensor], target_logits: torch.Tensor) -> torch.Tensor:
     """The KL divergence KL(base || adapter) of next-token distributions, averaged over the batch's supervised
-    positions: the frozen base's at full depth (LoRA off, one forward without gradients) from the ones read off
-    ``hidden`` ``(batch, seq_len, hidden)``, the final hidden states of the adapter's forward of the same ``batch``.
-    Differentiable through ``hidden``."""
+    positions: the frozen base's at full depth (LoRA off, one forward without gradients) from the adapter's,
+    ``target_logits`` ``(positions, vocab)`` of its forward of the same ``batch``
+    (:attr:`~layerroute.model.LayerRouteOutput.target_logits`). Differentiable through ``target_logits``."""
     predicting = batch["labels"][:, 1:] != -100
     with torch.no_grad(), model.lora_disabled():
         # the wrapped HF model called directly runs every block: the base at full depth, no LM head on the way
         base_hidden = model.base_model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                              use_cache=False).last_hidden_state
     base = target_log_probs(model, base_hidden, predicting)
-    return next_token_divergence(base, target_log_probs(model, hidden, predicting)).mean()
+    return next_token_divergence(base, F.log_softmax(target_logits.float(), dim=-1)).mean()
 
 
 def joint_step(accelerator, model, batch: dict[str, torch.Tensor], price: Price, memory: SkipCostMemory,

@@ -21,33 +21,26 @@ SKIP_COST_MEASURES = ("loss", "kl")  # the choices of skip_costs(measure=...)
 
 @dataclass
 class Probes:
-    """What a forward left for :func:`skip_costs` (or for a loss on its final hidden states).
+    """What a forward left for :func:`skip_costs`.
 
     Attributes:
         block_inputs: block index -> the block's input hidden states ``(batch, seq_len, hidden)``, detached.
-        final_hidden: ``(batch, seq_len, hidden)``, the last block's normalised output, detached unless recorded with
-            ``keep_graph``.
     """
 
     block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    final_hidden: torch.Tensor | None = None
 
 
 @contextmanager
-def recording_probes(model, keep_graph: bool = False) -> Iterator[Probes]:
+def recording_probes(model) -> Iterator[Probes]:
     """Inside, a forward of ``model`` (or of the module that wraps it, e.g. under DDP) records its :class:`Probes`
     into the one this yields (a later forward replaces them). Measure after leaving the block: the measurement's own
-    forwards must not be recorded. ``keep_graph``: ``final_hidden`` keeps its autograd graph, for a loss on it."""
+    forwards must not be recorded."""
     probes = Probes()
 
     def record_input(block, args, kwargs):
         probes.block_inputs[block.layer_idx] = (args[0] if args else kwargs["hidden_states"]).detach()
 
-    def record_output(module, args, kwargs, output):
-        probes.final_hidden = output.last_hidden_state if keep_graph else output.last_hidden_state.detach()
-
     handles = [block.register_forward_pre_hook(record_input, with_kwargs=True) for block in model.blocks]
-    handles.append(model.base_model.model.register_forward_hook(record_output, with_kwargs=True))
     try:
         yield probes
     finally:
@@ -78,12 +71,12 @@ def skip_costs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
     """
     if measure not in SKIP_COST_MEASURES:
         raise ValueError(f"skip cost measure must be one of {SKIP_COST_MEASURES}, not {measure!r}")
-    if len(probes.block_inputs) != model.num_layers or probes.final_hidden is None:
+    if len(probes.block_inputs) != model.num_layers or output.target_logits is None:
         raise ValueError("skip_costs needs the probes of a forward with labels, recorded by recording_probes")
     if measure == "kl":
         predicting = labels[:, 1:] != -100
         row_of = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(predicting)[predicting]
-        current = target_log_probs(model, probes.final_hidden, predicting)
+        current = F.log_softmax(output.target_logits.detach().float(), dim=-1)
     else:
         current = output.token_nll.detach().sum(dim=1)
     costs = []

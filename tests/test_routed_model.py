@@ -207,6 +207,24 @@ def test_training_mode_uses_hard_gates_with_straight_through_gradients():
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
 
 
+def test_labels_give_the_lm_head_on_the_supervised_positions_only():
+    model = LayerRouteModel.from_base(tiny_qwen2()).eval()
+    randomize_routers(model, seed=3)
+    input_ids = torch.randint(2, 128, (2, 9))
+    labels = input_ids.clone()
+    labels[0, :5] = -100  # a prompt that is not supervised
+    labels[1, -2:] = -100
+    with torch.no_grad():
+        supervised = model(input_ids, labels=labels)
+        every_position = model(input_ids).logits
+    predicting = labels[:, 1:] != -100
+    assert supervised.logits is None
+    torch.testing.assert_close(supervised.target_logits, every_position[:, :-1][predicting], atol=1e-5, rtol=0)
+    nll = torch.nn.functional.cross_entropy(supervised.target_logits, labels[:, 1:][predicting], reduction="none")
+    torch.testing.assert_close(supervised.token_nll[:, 1:][predicting], nll)
+    torch.testing.assert_close(supervised.loss, nll.mean())
+
+
 def test_frozen_routers_skip_blocks_for_real_in_training():
     model = LayerRouteModel.from_base(tiny_qwen2()).train()
     fix_routes(model, [1])

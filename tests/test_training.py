@@ -105,8 +105,7 @@ def test_the_pull_toward_the_base_is_zero_at_the_base_and_holds_lora_closer_to_i
 
     def divergence(model: LayerRouteModel) -> float:
         with torch.no_grad():
-            _, probes = probed_forward(model, batch)
-            return divergence_from_base(model, batch, probes.final_hidden).item()
+            return divergence_from_base(model, batch, model(**batch).target_logits).item()
 
     divergences = {}
     for weight in (0.0, 10.0):
@@ -351,11 +350,11 @@ def test_probes_are_recorded_only_inside_recording_probes():
     probed, probes = probed_forward(model, batch)
     width = batch["input_ids"].shape[1]
     assert sorted(probes.block_inputs) == list(range(model.num_layers))
-    assert probes.block_inputs[0].shape == probes.final_hidden.shape == (4, width, model.shape.block.hidden_size)
-    assert not probes.final_hidden.requires_grad
-    recorded = probes.final_hidden
+    assert probes.block_inputs[0].shape == (4, width, model.shape.block.hidden_size)
+    assert not probes.block_inputs[0].requires_grad
+    recorded = probes.block_inputs[0]
     plain = model(**batch, record_router_features=True)
-    assert probes.final_hidden is recorded  # outside the block nothing is recorded
+    assert probes.block_inputs[0] is recorded  # outside the block nothing is recorded
     torch.testing.assert_close(plain.router_features, probed.router_features, atol=0, rtol=0)
     assert plain.router_features.shape == (4, model.num_layers, model.shape.block.hidden_size)
     assert model(**batch).router_features is None
