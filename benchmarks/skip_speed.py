@@ -3,8 +3,10 @@
 For k = 0, 3, 6, ... blocks forced off (spread evenly over the depth), times a prefill of --prompt-tokens tokens and a
 generation of --new-tokens tokens (greedy, KV cache), takes the median of --repeats runs, and prints the measured
 time ratio against k = 0 next to the ideal ratio from the FLOP count; then the same for the decode alone (each
-repeat's generation less its prefill, against the decode forwards' own FLOP count). Also measures the overhead of
-routing with nothing skipped against the plain base model. LoRA is merged into the weights, as a server would run it
+repeat's generation less its prefill, against the decode forwards' own FLOP count, and against the plain base model
+with the same k blocks deleted outright: what a model of that depth decodes at on this machine, where a FLOP need not
+cost the same at every depth). Also measures the overhead of routing with nothing skipped against the plain base
+model. LoRA is merged into the weights, as a server would run it
 (--no-merge keeps the LoRA matmuls, which cost about 20% on this model at batch 1 on CPU).
 
 At each of --batch-sizes it times the generation of a batch whose rows share one skip set of k blocks against the
@@ -56,6 +58,17 @@ def spread(num_layers: int, k: int) -> list[int]:
     return sorted({round((i + 0.5) * num_layers / k - 0.5) for i in range(k)}) if k else []
 
 
+def without_blocks(model: torch.nn.Module, blocks: list[int]) -> torch.nn.Module:
+    """A copy of the HF causal LM ``model`` whose listed decoder blocks are removed, sharing its weights."""
+    pruned = copy.deepcopy(model, memo={id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]})
+    kept = [block for index, block in enumerate(pruned.model.layers) if index not in set(blocks)]
+    pruned.model.layers = torch.nn.ModuleList(kept)
+    pruned.config.num_hidden_layers = len(kept)
+    for index, block in enumerate(kept):
+        block.self_attn.layer_idx = index  # the KV cache is indexed by position in the stack
+    return pruned
+
+
 def shifted(blocks: list[int], by: int, num_layers: int) -> list[int]:
     """The same number of blocks, each ``by`` blocks deeper (wrapping around): another row's skip set."""
     return sorted((block + by) % num_layers for block in blocks)
@@ -100,6 +113,10 @@ def main() -> None:
     for k, skip in skips.items():
         runs[f"{k} prefill"] = lambda skip=skip: model.generate(input_ids, forced_skip=skip, **prefill_kwargs)
         runs[f"{k} generate"] = lambda skip=skip: model.generate(input_ids, forced_skip=skip, **generate_kwargs)
+        if k:  # fresh LoRA is zero, so the plain model with these blocks deleted computes what the routed one does
+            deleted = without_blocks(plain, skip)
+            runs[f"{k} deleted prefill"] = lambda deleted=deleted: deleted.generate(input_ids, **prefill_kwargs)
+            runs[f"{k} deleted generate"] = lambda deleted=deleted: deleted.generate(input_ids, **generate_kwargs)
     batches = {rows: torch.randint(100, model.shape.vocab_size, (rows, args.prompt_tokens),
                                    generator=torch.Generator().manual_seed(rows)) for rows in args.batch_sizes}
     for rows, batch in batches.items():
@@ -118,8 +135,11 @@ def main() -> None:
         times = interleaved_times(runs, args.repeats)
         seconds = {name: statistics.median(values) for name, values in times.items()}
         # decode alone: a generation less the prefill of the same repeat (the first new token comes from the prefill)
-        decode_seconds = {k: statistics.median(g - p for g, p in zip(times[f"{k} generate"], times[f"{k} prefill"]))
-                          for k in skips}
+        def decode(name: str) -> float:
+            return statistics.median(g - p for g, p in zip(times[f"{name} generate"], times[f"{name} prefill"]))
+
+        decode_seconds = {k: decode(str(k)) for k in skips}
+        deleted_decode_seconds = {k: decode(f"{k} deleted") for k in skips if k}
         rows = []
         for k, skip in skips.items():
             model.generate(input_ids, forced_skip=skip, **prefill_kwargs)
@@ -132,8 +152,8 @@ def main() -> None:
     base_prefill, base_generate = rows[0][1], rows[0][2]
     print()
     print("| k skipped | prefill ms | prefill ratio | ideal | generate ms | generate ratio | ideal | "
-          "saving achieved (prefill / generate) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "saving achieved (prefill / generate) | blocks deleted: generate ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for k, prefill_s, generate_s, prefill_route, route in rows:
         prefill_ratio, generate_ratio = prefill_s / base_prefill, generate_s / base_generate
         ideal_prefill, ideal_generate = 1 - prefill_route.flops_skipped_frac, 1 - route.flops_skipped_frac
@@ -141,13 +161,15 @@ def main() -> None:
             f"{(1 - prefill_ratio) / (1 - ideal_prefill):.0%} / {(1 - generate_ratio) / (1 - ideal_generate):.0%}"
             if k else "-"
         )
+        deleted = f"{seconds[f'{k} deleted generate'] / base_generate:.3f}" if k else "-"
         print(f"| {k} | {prefill_s * 1e3:.1f} | {prefill_ratio:.3f} | {ideal_prefill:.3f} | {generate_s * 1e3:.1f} | "
-              f"{generate_ratio:.3f} | {ideal_generate:.3f} | {achieved} |")
+              f"{generate_ratio:.3f} | {ideal_generate:.3f} | {achieved} | {deleted} |")
     # The generation's FLOP ideal weighs a prefill FLOP like a decode FLOP, but at batch 1 a decode FLOP costs far
     # more time (one token per pass over the weights), so decode, with its unskippable LM head, is judged on its own.
     print()
-    print("| k skipped | decode ms per token | decode ratio | ideal | saving achieved (decode) |")
-    print("|---|---|---|---|---|")
+    print("| k skipped | decode ms per token | decode ratio | ideal | saving achieved (decode) | "
+          "blocks deleted: ms per token | ratio | routed against deleted |")
+    print("|---|---|---|---|---|---|---|---|")
     decode_tokens = args.new_tokens - 1
     base_decode = decode_seconds[0]
     for k, _, _, prefill_route, route in rows:
@@ -155,7 +177,13 @@ def main() -> None:
         decode_flops = route.flops_total - prefill_route.flops_total
         ideal = 1 - (route.flops_skipped - prefill_route.flops_skipped) / decode_flops
         achieved = f"{(1 - ratio) / (1 - ideal):.0%}" if k else "-"
-        print(f"| {k} | {decode_seconds[k] * 1e3 / decode_tokens:.2f} | {ratio:.3f} | {ideal:.3f} | {achieved} |")
+        deleted = "- | - | -"
+        if k:
+            deleted_s = deleted_decode_seconds[k]
+            deleted = (f"{deleted_s * 1e3 / decode_tokens:.2f} | {deleted_s / base_decode:.3f} | "
+                       f"{decode_seconds[k] / deleted_s - 1:+.1%}")
+        print(f"| {k} | {decode_seconds[k] * 1e3 / decode_tokens:.2f} | {ratio:.3f} | {ideal:.3f} | {achieved} | "
+              f"{deleted} |")
     print()
     print("| routing overhead, nothing skipped | plain base ms | routed ms | overhead |")
     print("|---|---|---|---|")
