@@ -78,12 +78,16 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=None, help="run only the first N tasks")
     parser.add_argument("--max-model-steps", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--retry-empty", action=argparse.BooleanOptionalAction, default=True,
+                        help="a routed answer that ends empty is generated again at full depth (ChatLayerRoute's "
+                             "retry_empty; its FLOPs count against the savings)")
     args = parser.parse_args()
 
     chosen = tasks()[: args.tasks]
     results = {}
     for routing in ("auto", "off"):
-        llm = ChatLayerRoute(adapter=args.adapter, max_tokens=args.max_tokens, routing=routing)
+        llm = ChatLayerRoute(adapter=args.adapter, max_tokens=args.max_tokens, routing=routing,
+                             retry_empty=args.retry_empty)
         outcomes = []
         with layerroute_cost_tracking() as costs:
             for number, (question, expected) in enumerate(chosen):
@@ -91,21 +95,23 @@ def main() -> None:
                 outcomes.append({"ok": solved(answer, expected), "steps": steps})
                 print(f"[{routing}] {number + 1}/{len(chosen)} {'ok  ' if outcomes[-1]['ok'] else 'fail'} "
                       f"{question} -> {answer[:80]!r}", flush=True)
-        results[routing] = (outcomes, costs.report())
+        results[routing] = (outcomes, costs.report(), sum(r.flops_discarded > 0 for r in costs.records))
 
     print()
-    print(f"tasks={len(chosen)} max_model_steps={args.max_model_steps} adapter={args.adapter or 'shipped'}")
+    print(f"tasks={len(chosen)} max_model_steps={args.max_model_steps} adapter={args.adapter or 'shipped'} "
+          f"retry_empty={args.retry_empty}")
     print()
-    print("| model | tasks solved | 95% interval | model steps per task | FLOPs saved: tool_call | planning |")
-    print("|---|---|---|---|---|---|")
+    print("| model | tasks solved | 95% interval | model steps per task | steps retried at full depth | "
+          "FLOPs saved: tool_call | planning |")
+    print("|---|---|---|---|---|---|---|")
     for routing, label in (("auto", "LayerRoute routed"), ("off", "same adapter, full depth")):
-        outcomes, report = results[routing]
+        outcomes, report, retried = results[routing]
         wins = sum(o["ok"] for o in outcomes)
         low, high = wilson_interval(wins, len(outcomes))
         saved = {kind: f"{row['flops_saved_frac']:.1%} ({row['steps']} steps)"
                  for kind, row in report.by_step_type.items()}
         print(f"| {label} | {wins}/{len(outcomes)} ({wins / len(outcomes):.0%}) | [{low:.0%}, {high:.0%}] | "
-              f"{sum(o['steps'] for o in outcomes) / len(outcomes):.2f} | {saved.get('tool_call', '-')} | "
+              f"{sum(o['steps'] for o in outcomes) / len(outcomes):.2f} | {retried} | {saved.get('tool_call', '-')} | "
               f"{saved.get('planning', '-')} |")
     paired = paired_difference(results["off"][0], results["auto"][0], "ok")
     print(f"\nrouted minus full depth: {paired['difference_points']:+.1f} points "

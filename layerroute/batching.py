@@ -36,7 +36,9 @@ class Served:
         queue_s: seconds between submission and the start of the batch that served it.
         batch_rows: rows of the ``generate`` call that served it.
         flops_executed: FLOPs the server executed for the step once: its ``flops_total`` less the blocks that every
-            row of its batch skipped (a block the step skipped but a batch-mate kept ran for both).
+            row of its batch skipped (a block the step skipped but a batch-mate kept ran for both), plus, for an
+            answer retried at full depth (``route["retried"]``), its discarded routed attempt as the step alone
+            would have run it (``route["flops_discarded"]``).
     """
 
     answer: ChatAnswer
@@ -178,12 +180,14 @@ class BatchScheduler:
                 if not job.future.done():
                     job.future.set_exception(error)
             return
-        common = frozenset.intersection(*(frozenset(a.route["skipped_layers"]) for a in answers))
+        # a retried answer's route is its full-depth retry's; the blocks the batch skipped are the others' to say
+        routed = [frozenset(a.route["skipped_layers"]) for a in answers if not a.route["retried"]]
+        common = frozenset.intersection(*routed) if routed else frozenset()
         for job, answer in zip(jobs, answers):
             route = answer.route
             skipped = len(route["skipped_layers"])
             per_block = route["flops_skipped"] // skipped if skipped else 0
             served = Served(answer=answer, queue_s=began - job.submitted, batch_rows=len(jobs),
-                            flops_executed=route["flops_total"] - per_block * len(common))
+                            flops_executed=route["flops_total"] - per_block * len(common) + route["flops_discarded"])
             if not job.future.done():  # cancelled meanwhile: nobody waits for it
                 job.future.set_result(served)

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from . import telemetry
 from .architectures import text_config
 from .config import check_skip_threshold
+from .flops import flops_executed
 from .grammar import TOOL_CALL_TAG, DecodingGrammars
 from .loading import EMBEDDED_MODEL, default_adapter_dir, load_base_model
 from .model import LayerRouteModel, RoutedCache
@@ -107,6 +108,8 @@ class ChatStep:
         skip_threshold: a block is skipped where its router's keep probability is below this; ``None`` is the
             adapter's own threshold.
         max_time: wall-clock limit of the generation in seconds, or ``None``.
+        retry_empty: an answer that ends empty (no text, no call) after its routers skipped blocks is generated
+            again with every block running (:meth:`ChatEngine.generate`).
         dropped_messages: how many of the oldest messages were dropped to fit the context
             (``context_overflow="truncate"``).
         telemetry: the OpenTelemetry context the step was prepared in, parent of its span
@@ -123,6 +126,7 @@ class ChatStep:
     routing: str
     skip_threshold: float | None
     max_time: float | None
+    retry_empty: bool = True
     dropped_messages: int = 0
     telemetry: telemetry.SpanParent | None = None
 
@@ -167,8 +171,11 @@ class ChatAnswer:
         text: everything generated, stop sequences cut, special tokens dropped.
         finish_reason: ``"tool_calls"``, ``"length"`` (``max_new_tokens`` ran out, or the step's timeout did:
             :attr:`timed_out` says which) or ``"stop"``.
-        route: ``step_type``, the :class:`~layerroute.RouteStats` fields and ``latency_s``: what
-            ``response_metadata["layerroute"]`` and the server's ``layerroute`` object carry.
+        route: ``step_type``, the :class:`~layerroute.RouteStats` fields, ``latency_s``, ``retried`` (the routed
+            answer ended empty and this one was generated at full depth, :attr:`ChatStep.retry_empty`) and
+            ``flops_discarded`` (the FLOPs the discarded routed attempt executed, else 0): what
+            ``response_metadata["layerroute"]`` and the server's ``layerroute`` object carry. FLOPs executed for the
+            step: ``flops_total - flops_skipped + flops_discarded`` (:func:`~layerroute.flops.flops_executed`).
         timed_out: the step's timeout stopped its generation before the answer ended.
         dropped_messages: the oldest messages dropped to fit the context (:attr:`ChatStep.dropped_messages`).
     """
@@ -270,6 +277,7 @@ class ChatEngine:
         timeout: float | None = None,
         context_budget: int | None = None,
         context_overflow: str = "error",
+        retry_empty: bool = True,
     ) -> ChatStep:
         """Render, tokenize and constrain one step.
 
@@ -296,6 +304,10 @@ class ChatEngine:
                 that calls tools is dropped together with the tool results that follow it, so no call is left
                 without its result nor a result without its call; the last message (with the results answering it)
                 is never dropped, and when it does not fit even so, :class:`ContextBudgetError` is raised.
+            retry_empty: an answer that ends empty (no text, no call) after the routers skipped blocks is generated
+                again with every block running, and that answer returned: keeping a block is always safe, and an
+                empty step helps no agent. Its route then says ``retried`` and counts the discarded attempt in
+                ``flops_discarded``. ``False`` returns the empty answer (as A/B measurements of routing need).
 
         Raises:
             ContextBudgetError: the prompt does not fit (see ``context_overflow``); a ``ValueError``.
@@ -341,7 +353,7 @@ class ChatEngine:
         return ChatStep(prompt_ids=prompt_ids, grammar=grammar, max_new_tokens=max_tokens,
                         temperature=float(temperature or 0.0), top_p=float(top_p), stop=tuple(s for s in stop if s),
                         seed=seed, routing=routing, skip_threshold=skip_threshold, max_time=timeout,
-                        dropped_messages=dropped, telemetry=telemetry.capture())
+                        retry_empty=retry_empty, dropped_messages=dropped, telemetry=telemetry.capture())
 
     def _prompt_ids(self, messages: list[dict], tools: list[dict]) -> torch.Tensor:
         """``(prompt_tokens,)``: ``messages`` and ``tools`` rendered with the assistant prompt, tokenized."""
@@ -393,10 +405,31 @@ class ChatEngine:
             cancelled: ``cancelled(row)``: a row for which it turns true stops generating (its answer is then cut).
 
         Returns:
-            One :class:`ChatAnswer` per step, in order; ``route["latency_s"]`` is this call's wall time.
+            One :class:`ChatAnswer` per step, in order; ``route["latency_s"]`` is this call's wall time (a retried
+            answer's: both attempts', see :attr:`ChatStep.retry_empty`; a retry streams nothing to ``on_token``,
+            its text comes with the answer).
         """
         if not steps:
             return []
+        began_ns = telemetry.now_ns()
+        answers = self._generate_batch(steps, prefills, on_token, cancelled)
+        # the rows of one batch share max_time and latency, so the retried rows share their settings: one batch
+        max_time = steps[0].max_time
+        time_left = max_time - answers[0].route["latency_s"] if max_time else None
+        retry = [row for row, (step, answer) in enumerate(zip(steps, answers))
+                 if step.retry_empty and _ended_empty(answer) and not (cancelled and cancelled(row))]
+        if retry and (time_left is None or time_left > 0):
+            again = self._generate_batch([replace(steps[row], routing="off", max_time=time_left) for row in retry],
+                                         None, None, None)
+            for row, answer in zip(retry, again):
+                answers[row] = _retried(answers[row], answer)
+        telemetry.record_generations(self.name, steps, answers, began_ns)  # one `chat {model}` span per step
+        return answers
+
+    def _generate_batch(self, steps: Sequence[ChatStep], prefills: Sequence[Prefill] | None,
+                        on_token: Callable[[int, int], None] | None,
+                        cancelled: Callable[[int], bool] | None) -> list[ChatAnswer]:
+        """One generation of ``steps`` as one batch (see :meth:`generate`), without retries."""
         if len({step.batch_key for step in steps}) > 1:
             raise ValueError("steps generated in one batch must share their generation settings (batch_key)")
         first = steps[0]
@@ -435,7 +468,7 @@ class ChatEngine:
             kwargs["stopping_criteria"] = criteria
         if on_token is not None:
             kwargs["streamer"] = _RowStreamer(on_token)
-        began, began_ns = time.perf_counter(), telemetry.now_ns()
+        began = time.perf_counter()
         if first.do_sample and first.seed is not None:
             with self.seed_lock:
                 torch.manual_seed(first.seed)
@@ -447,10 +480,8 @@ class ChatEngine:
         new_tokens = [tokens[:length] for tokens, length in
                       zip(sequences[:, input_ids.shape[1]:].tolist(), self.model.last_lengths)]
         timed_out = deadline is not None and deadline.expired
-        answers = [self._answer(step, tokens, route, latency, timed_out)
-                   for step, tokens, route in zip(steps, new_tokens, routes)]
-        telemetry.record_generations(self.name, steps, answers, began_ns)  # one `chat {model}` span per step
-        return answers
+        return [self._answer(step, tokens, route, latency, timed_out)
+                for step, tokens, route in zip(steps, new_tokens, routes)]
 
     def _left_padded(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(batch, longest)`` input ids and attention mask, prompts aligned on the right (generation continues them
@@ -494,7 +525,7 @@ class ChatEngine:
             completion_tokens=len(tokens),
             finish_reason=finish_reason,
             route={"step_type": "tool_call" if (calls or invalid) else "planning", **route.to_dict(),
-                   "latency_s": latency},
+                   "latency_s": latency, "retried": False, "flops_discarded": 0},
             timed_out=timed_out,
             dropped_messages=step.dropped_messages,
         )
@@ -502,6 +533,20 @@ class ChatEngine:
     def text_deltas(self, step: ChatStep) -> TextDeltas:
         """A fresh :class:`TextDeltas` for streaming ``step``'s answer."""
         return TextDeltas(self.tokenizer, step.stop, self.eos_token_ids)
+
+
+def _ended_empty(answer: ChatAnswer) -> bool:
+    """``answer`` ended (not cut by length or time) with neither text nor a call, and its routers skipped blocks: an
+    empty step gives an agent nothing, and only a step that skipped blocks can answer otherwise at full depth."""
+    return (bool(answer.route["skipped_layers"]) and answer.finish_reason == "stop" and not answer.text.strip()
+            and not answer.tool_calls and not answer.invalid_tool_calls)
+
+
+def _retried(empty: ChatAnswer, again: ChatAnswer) -> ChatAnswer:
+    """``again`` (generated at full depth) as the answer, its route counting the ``empty`` attempt's time and FLOPs."""
+    route = {**again.route, "latency_s": empty.route["latency_s"] + again.route["latency_s"], "retried": True,
+             "flops_discarded": flops_executed(empty.route)}
+    return replace(again, route=route)
 
 
 @dataclass

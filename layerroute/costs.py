@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import report_html
 from .errors import MissingInputError
-from .flops import block_flops, causal_key_reads
+from .flops import block_flops, causal_key_reads, flops_executed
 from .traces import BadRecordError, RecordError, SkippedRecord, check_options
 
 RECORD_TYPE = "layerroute.step"
@@ -24,7 +24,9 @@ RECORD_TYPE = "layerroute.step"
 class StepCostRecord:
     """One model step of an agent run.
 
-    ``flops_total`` is what the full-depth model would spend on the step; ``flops_executed`` what LayerRoute spent.
+    ``flops_total`` is what the full-depth model would spend on the step; ``flops_executed`` what LayerRoute spent:
+    ``flops_total - flops_skipped``, plus ``flops_discarded``, the routed attempt thrown away when an answer that
+    ended empty was generated again at full depth (:attr:`layerroute.chat.ChatStep.retry_empty`).
     """
 
     trace_id: str
@@ -46,11 +48,12 @@ class StepCostRecord:
     tools: list[dict] | None = None
     messages: list[dict] | None = None
     output: dict | None = None
+    flops_discarded: int = 0
     record_type: str = RECORD_TYPE
 
     @property
     def flops_executed(self) -> int:
-        return self.flops_total - self.flops_skipped
+        return self.flops_total - self.flops_skipped + self.flops_discarded
 
     def to_dict(self) -> dict:
         values = {k: v for k, v in asdict(self).items() if v is not None}
@@ -101,19 +104,22 @@ def price_step(price: PriceModel, route: dict, prompt_full_flops: int) -> dict[s
     share the rest of the step (every decode forward, and the LM head). Skipping a block saves its share of both.
 
     Args:
-        route: a step's route metadata (``flops_total``, ``flops_skipped``, ``skipped_layers``, ``num_layers``).
+        route: a step's route metadata (``flops_total``, ``flops_skipped``, ``skipped_layers``, ``num_layers``, and
+            ``flops_discarded`` where a discarded routed attempt was retried at full depth: priced in the output
+            share, so a retried step costs more than its full depth and saves a negative amount).
 
     Returns:
         ``input_cost``, ``output_cost``, ``total_cost`` (FLOPs executed, priced), ``full_depth_input_cost``,
         ``full_depth_output_cost``, ``full_depth_total_cost`` (every block run) and ``saved_cost`` (their
         difference); ``total_cost == input_cost + output_cost``, and likewise at full depth.
     """
-    full, skipped = int(route["flops_total"]), int(route["flops_skipped"])
+    full = int(route["flops_total"])
     layers = int(route["num_layers"])
     kept = layers - len(route["skipped_layers"])
     input_full = min(int(prompt_full_flops), full)
     input_executed = input_full * kept // layers
-    costs = {"input_cost": price.usd(input_executed), "output_cost": price.usd(full - skipped - input_executed),
+    output_executed = flops_executed(route) - input_executed
+    costs = {"input_cost": price.usd(input_executed), "output_cost": price.usd(output_executed),
              "full_depth_input_cost": price.usd(input_full), "full_depth_output_cost": price.usd(full - input_full)}
     costs["total_cost"] = costs["input_cost"] + costs["output_cost"]
     costs["full_depth_total_cost"] = costs["full_depth_input_cost"] + costs["full_depth_output_cost"]
@@ -216,8 +222,9 @@ def check_record(record: StepCostRecord) -> StepCostRecord:
         value = getattr(record, name)
         if isinstance(value, bool) or not isinstance(value, FIELD_TYPES[spec.type]):
             raise RecordError(f"`{name}` must be {spec.type}, got {value!r}", kind=f"`{name}` not {spec.type}")
-    if record.num_layers < 1 or not 0 <= record.flops_skipped <= record.flops_total:
-        raise RecordError("needs num_layers >= 1 and 0 <= flops_skipped <= flops_total", kind="inconsistent counts")
+    if record.num_layers < 1 or not 0 <= record.flops_skipped <= record.flops_total or record.flops_discarded < 0:
+        raise RecordError("needs num_layers >= 1, 0 <= flops_skipped <= flops_total and flops_discarded >= 0",
+                          kind="inconsistent counts")
     if not all(type(layer) is int and 0 <= layer < record.num_layers for layer in record.skipped_layers):
         raise RecordError(f"`skipped_layers` must be block indices below num_layers, got {record.skipped_layers}",
                           kind="inconsistent counts")

@@ -75,6 +75,13 @@ class RouteStats:
         }
 
 
+def flops_executed(route: dict) -> int:
+    """FLOPs executed for a step, from its route metadata (:attr:`RouteStats` fields, and ``flops_discarded`` where
+    a routed attempt was discarded and the step generated again at full depth, :class:`~layerroute.chat.ChatAnswer`).
+    """
+    return int(route["flops_total"]) - int(route["flops_skipped"]) + int(route.get("flops_discarded", 0))
+
+
 def step_route_stats(
     skipped_layers: list[int],
     num_layers: int,

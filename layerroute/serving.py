@@ -3,9 +3,10 @@
 Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health`` and ``GET /metrics`` (Prometheus). Every
 completion carries a top-level ``layerroute`` object with the fields of ``response_metadata["layerroute"]``
 (``step_type``, ``skipped_layers``, ``num_layers``, ``layers_skipped_frac``, ``flops_total``, ``flops_skipped``,
-``flops_skipped_frac``, ``latency_s``); non-streaming responses also carry them as ``x-layerroute-*`` headers, and a
+``flops_skipped_frac``, ``latency_s``, ``retried``, ``flops_discarded``); non-streaming responses also carry them as ``x-layerroute-*`` headers, and a
 stream carries them on its final chunk (the usage chunk when ``stream_options.include_usage`` asks for one). A request
-may set ``{"layerroute": {"routing": "auto" | "off", "skip_threshold": x}}`` (the ``openai`` client's ``extra_body``).
+may set ``{"layerroute": {"routing": "auto" | "off", "skip_threshold": x, "retry_empty": false}}`` (the ``openai``
+client's ``extra_body``; :meth:`~layerroute.chat.ChatEngine.prepare` says what each does).
 
 Requests are prepared and answered by :mod:`layerroute.chat` (the code path of ``ChatLayerRoute``) and batched by
 :class:`~layerroute.batching.BatchScheduler`. Needs the ``serve`` extra: ``pip install "layerroute[serve]"``.
@@ -53,6 +54,7 @@ class RouteDial(BaseModel):
     model_config = ConfigDict(extra="forbid")
     routing: Literal["auto", "off"] = "auto"
     skip_threshold: float | None = None
+    retry_empty: bool = True
 
 
 class StreamOptions(BaseModel):
@@ -120,6 +122,8 @@ class ServerMetrics:
                                       ["step_type"], registry=r)
         self.flops_skipped = Counter("layerroute_flops_skipped", "forward FLOPs of the full model not executed "
                                      "(blocks every row of the batch skipped) by step type", ["step_type"], registry=r)
+        self.retried = Counter("layerroute_retried", "completions whose routed answer ended empty and were generated "
+                               "again at full depth, by step type", ["step_type"], registry=r)
         self.latency = Histogram("layerroute_request_duration_seconds", "completion latency in the server by step "
                                  "type", ["step_type"], buckets=LATENCY_BUCKETS, registry=r)
         self.time_to_first_token = Histogram("layerroute_time_to_first_token_seconds", "streamed completions: "
@@ -145,7 +149,10 @@ class ServerMetrics:
         self.prompt_tokens.labels(kind).inc(answer.prompt_tokens)
         self.completion_tokens.labels(kind).inc(answer.completion_tokens)
         self.flops_executed.labels(kind).inc(served.flops_executed)
-        self.flops_skipped.labels(kind).inc(answer.route["flops_total"] - served.flops_executed)
+        discarded = answer.route["flops_discarded"]
+        self.flops_skipped.labels(kind).inc(answer.route["flops_total"] - (served.flops_executed - discarded))
+        if answer.route["retried"]:
+            self.retried.labels(kind).inc()
         self.latency.labels(kind).observe(latency)
         self.queue_wait.observe(served.queue_s)
         self.batch_rows.observe(served.batch_rows)
@@ -307,7 +314,8 @@ def route_headers(route: dict) -> dict[str, str]:
     separated block indices), ``x-layerroute-flops-skipped-frac``, ..."""
     headers = {}
     for key, value in route.items():
-        text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+        text = (",".join(str(v) for v in value) if isinstance(value, list) else
+                str(value).lower() if isinstance(value, bool) else str(value))
         headers[ROUTE_HEADER_PREFIX + key.replace("_", "-")] = text
     return headers
 
@@ -332,6 +340,7 @@ def _prepare(engine: ChatEngine, body: ChatCompletionRequest, context_budget: in
             seed=body.seed,
             routing=dial.routing,
             skip_threshold=dial.skip_threshold,
+            retry_empty=dial.retry_empty,
             context_budget=context_budget,
             context_overflow=context_overflow,
         )

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .flops import flops_executed
+
 try:  # the `otel` extra; without it, nothing below imports or records anything
     from opentelemetry import context as otel_context
     from opentelemetry import trace as otel_trace
@@ -116,7 +118,9 @@ def span_attributes(model: str, request_model: str, step: Any, answer: Any, batc
         "layerroute.step.type": route["step_type"],
         "layerroute.routing": step.routing,
         "layerroute.flops.total": route["flops_total"],
-        "layerroute.flops.executed": route["flops_total"] - route["flops_skipped"],
+        "layerroute.flops.executed": flops_executed(route),
+        "layerroute.flops.discarded": route.get("flops_discarded", 0),
+        "layerroute.retried": bool(route.get("retried", False)),
         "layerroute.flops.skipped": route["flops_skipped"],
         "layerroute.skip_fraction": route["flops_skipped_frac"],
         "layerroute.layers.skipped": len(route["skipped_layers"]),

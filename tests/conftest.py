@@ -111,7 +111,7 @@ def set_routers(tiny_chat_dir):
 
 # what every answer's route metadata holds, and a bound tool, for the chat model and the server's tests
 METADATA_KEYS = {"step_type", "skipped_layers", "num_layers", "layers_skipped_frac", "flops_total",
-                 "flops_skipped", "flops_skipped_frac", "latency_s"}
+                 "flops_skipped", "flops_skipped_frac", "latency_s", "retried", "flops_discarded"}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                             "parameters": {"type": "object", "properties": {
                                                 "city": {"type": "string", "enum": ["Oslo", "Rome"]}},

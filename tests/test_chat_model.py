@@ -17,12 +17,10 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 from pydantic import BaseModel
 from transformers import AutoTokenizer
 
+from conftest import METADATA_KEYS
 from langchain_layerroute import ChatLayerRoute, LayerRouteCostCallback, layerroute_cost_tracking
 from layerroute.costs import read_records
 from layerroute.toolcalls import normalize_tool_choice, parse_tool_calls
-
-METADATA_KEYS = {"step_type", "skipped_layers", "num_layers", "layers_skipped_frac", "flops_total",
-                 "flops_skipped", "flops_skipped_frac", "latency_s"}
 
 
 @pytest.fixture(scope="session")
@@ -135,6 +133,29 @@ def test_routing_off_runs_every_block(tiny_chat_dir, set_routers):
     assert off.invoke("hi").response_metadata["layerroute"]["flops_skipped"] == 0
     with pytest.raises(ValueError, match="routing must be"):
         llm.invoke("hi", routing="sometimes")
+
+
+def test_a_routed_answer_that_ends_empty_is_generated_again_at_full_depth(tiny_chat_dir, set_routers):
+    llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=6)
+    set_routers(-5.0)  # every block skipped
+    routed = llm.invoke("hi", retry_empty=False)
+    assert routed.content, "the random model should say something with every block skipped"
+    stop = [routed.content.strip()[0]]  # cuts the routed answer to nothing
+    empty = llm.invoke("hi", stop=stop, retry_empty=False)
+    route = empty.response_metadata["layerroute"]
+    assert not empty.content.strip() and not empty.tool_calls
+    assert route["skipped_layers"] == [0, 1, 2] and not route["retried"] and route["flops_discarded"] == 0
+
+    retried = llm.invoke("hi", stop=stop)
+    full_depth = llm.invoke("hi", stop=stop, routing="off")
+    route = retried.response_metadata["layerroute"]
+    assert retried.content == full_depth.content
+    assert route["retried"] and route["skipped_layers"] == [] and route["flops_skipped"] == 0
+    assert route["flops_total"] == full_depth.response_metadata["layerroute"]["flops_total"]
+    # what the discarded attempt ran: the embeddings and LM head of every token, no block
+    assert 0 < route["flops_discarded"] == empty.response_metadata["layerroute"]["flops_total"] - \
+        empty.response_metadata["layerroute"]["flops_skipped"]
+    assert not full_depth.response_metadata["layerroute"]["retried"]  # nothing skipped: nothing to retry
 
 
 def test_a_conversation_ending_with_a_role_the_routers_do_not_decide_after_runs_every_block(tiny_chat_dir,

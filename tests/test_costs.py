@@ -39,6 +39,18 @@ def test_aggregates_per_step_type_and_projection():
         pytest.approx(report.projection["full_depth_usd_per_day"])
 
 
+def test_a_discarded_routed_attempt_counts_as_executed(tmp_path):
+    retried = record("c", 0, "planning", 1000, 0)
+    retried.flops_discarded = 400
+    report = CostReport.from_records([retried], PriceModel(usd_per_tflop=1000.0))
+    assert report.by_step_type["planning"]["flops_executed"] == 1400
+    assert report.by_step_type["planning"]["flops_saved_frac"] == pytest.approx(-0.4)
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps({**retried.to_dict(), "flops_discarded": -1}) + "\n")
+    with pytest.raises(ValueError, match="flops_discarded >= 0"):
+        read_records(path)
+
+
 def test_gpu_hour_pricing():
     price = PriceModel(usd_per_gpu_hour=3.6, achieved_tflops=1.0)  # $0.001 per TFLOP
     assert price.usd(2e12) == pytest.approx(0.002)

@@ -281,6 +281,10 @@ def test_price_step_splits_prefill_from_decode():
     costs = price_step(PriceModel(usd_per_tflop=1e12), route, prompt_full_flops=400)  # $1 per FLOP
     assert costs == {"input_cost": 200.0, "output_cost": 300.0, "total_cost": 500.0, "full_depth_input_cost": 400.0,
                      "full_depth_output_cost": 600.0, "full_depth_total_cost": 1000.0, "saved_cost": 500.0}
+    # retried at full depth after a discarded routed attempt of 300 FLOPs: it cost more than full depth
+    retried = {"flops_total": 1000, "flops_skipped": 0, "skipped_layers": [], "num_layers": 4, "flops_discarded": 300}
+    costs = price_step(PriceModel(usd_per_tflop=1e12), retried, prompt_full_flops=400)
+    assert costs["input_cost"] == 400.0 and costs["output_cost"] == 900.0 and costs["saved_cost"] == -300.0
 
 
 # ---------------------------------------------------------------------------------------------- logging

@@ -282,6 +282,35 @@ def test_grouped_batches_keep_every_rows_answer_and_savings(engine, prompt_depen
                        for one, b in zip(alone, served))
 
 
+def test_a_routed_answer_that_ends_empty_is_retried_unless_the_request_says_not(client, set_routers):
+    set_routers(-5.0)  # every block skipped
+    stop = chat(client, "hi").json()["choices"][0]["message"]["content"].strip()[0]  # cuts the routed answer
+    kept = chat(client, "hi", stop=[stop], layerroute={"retry_empty": False}).json()["layerroute"]
+    assert not kept["retried"] and kept["skipped_layers"] == [0, 1, 2]
+    response = chat(client, "hi", stop=[stop])
+    assert response.json()["layerroute"]["retried"] and response.headers["x-layerroute-retried"] == "true"
+    kind = response.json()["layerroute"]["step_type"]
+    assert f'layerroute_retried_total{{step_type="{kind}"}} 1.0' in client.get("/metrics").text
+
+
+def test_a_row_retried_at_full_depth_counts_its_discarded_attempt(engine, set_routers):
+    set_routers(-5.0)  # every block skipped
+    [routed] = engine.generate(steps(engine)[:1])
+    stop = routed.text.strip()[0]  # cuts the routed answers to nothing
+    batch = [engine.prepare([{"role": "user", "content": p}], max_tokens=6, stop=stop) for p in PROMPTS[:2]]
+    scheduler = BatchScheduler(engine, max_batch_size=16, window_s=0.5)
+    try:
+        served = [job.future.result(timeout=60) for job in [scheduler.submit(step) for step in batch]]
+    finally:
+        scheduler.close()
+    retried = [s for s in served if s.answer.route["retried"]]
+    assert retried, "the first prompt's routed answer ends empty"
+    for one in retried:
+        route = one.answer.route
+        assert route["skipped_layers"] == [] and route["flops_discarded"] > 0
+        assert one.flops_executed == route["flops_total"] + route["flops_discarded"]
+
+
 def test_a_cancelled_row_stops_while_its_batch_goes_on(engine):
     batch = steps(engine, max_tokens=12)[:2]
     free = engine.generate(batch, cancelled=lambda row: False)

@@ -113,6 +113,7 @@ class LayerRouteCostCallback(BaseCallbackHandler):
                     step_type=route["step_type"], input_tokens=int(usage.get("input_tokens", 0)),
                     output_tokens=int(usage.get("output_tokens", 0)), flops_total=int(route["flops_total"]),
                     flops_skipped=int(route["flops_skipped"]), skipped_layers=list(route["skipped_layers"]),
+                    flops_discarded=int(route.get("flops_discarded", 0)),
                     num_layers=int(route["num_layers"]), latency_s=float(route["latency_s"]),
                     model_name=message.response_metadata.get("model_name", ""), node=run.get("node"),
                     graph_step=run.get("graph_step"),

@@ -112,6 +112,10 @@ class ChatLayerRoute(BaseChatModel):
     skip_threshold: float | None = None
     """A block is skipped where its router's keep probability is below this; ``None`` is the adapter's own threshold.
     Also per call (``invoke(..., skip_threshold=0.3)``): the compute dial."""
+    retry_empty: bool = True
+    """A routed answer that ends empty (no text, no call) is generated again with every block running; its
+    ``response_metadata["layerroute"]`` then says ``retried`` and counts the discarded attempt in ``flops_discarded``.
+    Also per call (``invoke(..., retry_empty=False)``)."""
     price: PriceModel | None = None
     """Prices FLOPs (``PriceModel(usd_per_gpu_hour=2.0, achieved_tflops=100.0)``): each answer's ``usage_metadata``
     then carries ``input_cost`` / ``output_cost`` / ``total_cost`` and its route metadata the full-depth costs;
@@ -241,6 +245,7 @@ class ChatLayerRoute(BaseChatModel):
             seed=kwargs.get("seed", self.seed),
             routing=kwargs.get("routing", self.routing),
             skip_threshold=kwargs.get("skip_threshold", self.skip_threshold),
+            retry_empty=kwargs.get("retry_empty", self.retry_empty),
             timeout=kwargs.get("timeout", self.timeout),
             context_budget=kwargs.get("context_budget", self.context_budget),
             context_overflow=kwargs.get("context_overflow", self.context_overflow),
