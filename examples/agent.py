@@ -3,9 +3,9 @@
     python examples/agent.py
     python examples/agent.py --question "What is the population density of Norway?" --html report.html
 
-The tools: a calculator (safe arithmetic), a lookup in a small country table and a length converter. The model is the embedded
-SmolLM2-135M-Instruct with the shipped LayerRoute adapter, so expect a 135M model's reasoning; what the example
-shows is the plumbing: every step's type, the blocks it skipped and what it cost. A step whose tool calls are all
+The tools: a calculator (safe arithmetic), a lookup in a small country table and a length converter. The model is
+the embedded SmolLM2-135M-Instruct with the shipped LayerRoute adapter, so expect a 135M model's reasoning; what the
+example shows is the plumbing: every step's type, the blocks it skipped and what it cost. A step whose tool calls are all
 malformed does not end the run: the errors go back to the model, which tries again. Each step makes at most one
 call, and a step that repeats a call already answered (same tool, same arguments) shows the model looping instead
 of answering, so the steps after it must answer in text (tool choice "none": the grammar then allows no call).
@@ -118,7 +118,8 @@ MIDDLEWARE = [retry_malformed_calls, one_call_at_a_time]
 def print_message(message) -> None:
     route = message.response_metadata.get("layerroute") if message.type == "ai" else None
     summary = f"  [{route['step_type']}: skipped {len(route['skipped_layers'])}/{route['num_layers']} blocks, " \
-              f"{route['flops_skipped_frac']:.1%} of FLOPs]" if route else ""
+              f"{route['flops_skipped_frac']:.1%} of FLOPs{', retried at full depth' * route['retried']}]" \
+        if route else ""
     calls = [f"{c['name']}({c['args']})" for c in getattr(message, "tool_calls", [])]
     calls += [f"malformed call: {c['args']!r}" for c in getattr(message, "invalid_tool_calls", [])]
     print(f"{message.type:>6}: {message.content or '; '.join(calls) or '(empty)'}{summary}", flush=True)
