@@ -3,12 +3,12 @@
     python examples/agent.py
     python examples/agent.py --question "What is the population density of Norway?" --html report.html
 
-The tools: a calculator (safe arithmetic), a lookup in a small country table and a length converter. The model is
-the embedded SmolLM2-135M-Instruct with the shipped LayerRoute adapter, so expect a 135M model's reasoning; what the
-example shows is the plumbing: every step's type, the blocks it skipped and what it cost. A step whose tool calls are all
-malformed does not end the run: the errors go back to the model, which tries again. Each step makes at most one
-call, and a step that repeats a call already answered (same tool, same arguments) shows the model looping instead
-of answering, so the steps after it must answer in text (tool choice "none": the grammar then allows no call).
+The tools: a calculator (safe arithmetic), a lookup in a small country table and a length converter. The model is the
+embedded SmolLM2-135M-Instruct with the shipped LayerRoute adapter, so expect a 135M model's reasoning; what the
+example shows is the plumbing: every step's type, the blocks it skipped and what it cost. A step whose tool calls are
+all malformed does not end the run: the errors go back to the model, which tries again. Each step makes at most one
+call, and a step that repeats a call already answered (same tool, same arguments) shows the model looping instead of
+answering, so the steps after it must answer in text (tool choice "none": the grammar then allows no call).
 """
 
 from __future__ import annotations
