@@ -18,11 +18,11 @@ refused.
 Every step is scored in one forward over its context and target, four ways: the frozen base, the adapter at full
 depth, the routers alone (familiarity check off) and do-no-harm routing as the adapter serves
 (``layerroute.familiarity``). A fifth setting is read off those forwards: the **call-start gate**, do-no-harm
-routing kept only for a step whose routed greedy first token starts a tool call (the first token of
-``<tool_call>``); any other step falls back to full depth, paying for the routed prompt pass it discards
-(:func:`call_start_gate`). Per source and step type it reports the share of FLOPs skipped and the **skip cost**:
-target perplexity routed against the *same adapter at full depth*, which isolates what skipping costs from what LoRA
-does; the differential is tool calls' FLOPs skipped minus planning steps'.
+routing kept only for a step with tools bound whose routed greedy first token starts a tool call (the first token of
+``<tool_call>``); a step without tools runs at full depth, and any other falls back to it, paying for the routed
+prompt pass it discards (:func:`call_start_gate`). Per source and step type it reports the share of FLOPs skipped
+and the **skip cost**: target perplexity routed against the *same adapter at full depth*, which isolates what
+skipping costs from what LoRA does; the differential is tool calls' FLOPs skipped minus planning steps'.
 """
 
 from __future__ import annotations
@@ -188,16 +188,21 @@ def call_start_gate(model: LayerRouteModel, examples: list, routed: list[dict], 
                     call_start: int) -> list[dict]:
     """The records of routing that answers at full depth unless the routed answer starts a tool call.
 
-    A routed step whose greedy first token is not ``call_start`` is answered by the adapter at full depth: its
-    full-depth record, plus what falling back costs beyond full depth, counted two ways. ``flops_discarded``:
-    resuming, the kept blocks before the first skipped one already hold full-depth states and every block from it
-    on runs over the prompt again, so the extra is the prompt's prefill in the blocks kept after the first skipped
-    one (zero when the skipped blocks are the last ones) plus the discarded first token's LM-head row.
+    A step with no tools bound cannot call: it runs at full depth from the start, at no extra cost. A routed step
+    whose greedy first token is not ``call_start`` is answered by the adapter at full depth: its full-depth record,
+    plus what falling back costs beyond full depth, counted two ways. ``flops_discarded``: resuming, the kept blocks
+    before the first skipped one already hold full-depth states and every block from it on runs over the prompt
+    again, so the extra is the prompt's prefill in the blocks kept after the first skipped one (zero when the
+    skipped blocks are the last ones) plus the discarded first token's LM-head row.
     ``flops_discarded_regenerating``: starting again from nothing, the whole routed prompt pass is the extra."""
     block, lm_head_row = model.shape.block, 2 * model.shape.vocab_size * model.shape.block.hidden_size
     gated = []
     for example, step, at_full_depth in zip(examples, routed, full):
         skipped = step["route"].skipped_layers
+        if not example.tools_bound:
+            gated.append({**at_full_depth, "flops_discarded": 0, "flops_discarded_regenerating": 0,
+                          "fell_back": False})
+            continue
         if not skipped or step["first_token"] == call_start:
             gated.append({**step, "flops_discarded": 0, "flops_discarded_regenerating": 0, "fell_back": False})
             continue

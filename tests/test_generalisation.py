@@ -118,7 +118,7 @@ def test_the_call_start_gate_keeps_routing_only_for_answers_that_start_a_call():
     benchmark = load_benchmark()
     model = LayerRouteModel.from_base(tiny_llama(num_layers=4))
     call_start, context = 7, 10
-    examples = [SimpleNamespace(context_ids=list(range(context)))] * 4
+    examples = [SimpleNamespace(context_ids=list(range(context)), tools_bound=True)] * 4
 
     def record(skipped, first_token, nll):
         route = RouteStats(skipped_layers=skipped, num_layers=4, flops_total=1000, flops_skipped=100 * len(skipped))
@@ -135,6 +135,10 @@ def test_the_call_start_gate_keeps_routing_only_for_answers_that_start_a_call():
     assert [g["flops_discarded"] for g in gated] == [0, 0, 2 * prefill + lm_head_row, lm_head_row]
     net = benchmark.net_flops_skipped(gated)["planning"]
     assert net == (200 - 2 * prefill - 2 * lm_head_row) / 4000
+    # without tools a step cannot call: full depth from the start, nothing discarded
+    unbound = benchmark.call_start_gate(model, [SimpleNamespace(context_ids=[1], tools_bound=False)], routed[1:2],
+                                        full[:1], call_start)
+    assert unbound[0]["nll"] == 0.5 and unbound[0]["flops_discarded"] == 0 and not unbound[0]["fell_back"]
     # starting again from nothing instead: the routed prompt pass (its kept blocks) is what is lost
     assert [g["flops_discarded_regenerating"] for g in gated] == [0, 0, 3 * prefill + lm_head_row,
                                                                  2 * prefill + lm_head_row]
