@@ -81,15 +81,13 @@ def main() -> None:
     parser.add_argument("--retry-empty", action=argparse.BooleanOptionalAction, default=True,
                         help="a routed answer that ends empty is generated again at full depth (ChatLayerRoute's "
                              "retry_empty; its FLOPs count against the savings)")
-    parser.add_argument("--call-start-gate", action="store_true",
-                        help="routing kept only for answers that start a tool call (ChatLayerRoute's call_start_gate)")
     args = parser.parse_args()
 
     chosen = tasks()[: args.tasks]
     results = {}
     for routing in ("auto", "off"):
         llm = ChatLayerRoute(adapter=args.adapter, max_tokens=args.max_tokens, routing=routing,
-                             retry_empty=args.retry_empty, call_start_gate=args.call_start_gate)
+                             retry_empty=args.retry_empty)
         outcomes = []
         with layerroute_cost_tracking() as costs:
             for number, (question, expected) in enumerate(chosen):
@@ -101,7 +99,7 @@ def main() -> None:
 
     print()
     print(f"tasks={len(chosen)} max_model_steps={args.max_model_steps} adapter={args.adapter or 'shipped'} "
-          f"retry_empty={args.retry_empty} call_start_gate={args.call_start_gate}")
+          f"retry_empty={args.retry_empty}")
     print()
     print("| model | tasks solved | 95% interval | model steps per task | steps retried at full depth | "
           "FLOPs saved: tool_call | planning |")

@@ -17,12 +17,9 @@ refused.
 
 Every step is scored in one forward over its context and target, four ways: the frozen base, the adapter at full
 depth, the routers alone (familiarity check off) and do-no-harm routing as the adapter serves
-(``layerroute.familiarity``). A fifth setting is read off those forwards: the **call-start gate**, do-no-harm
-routing kept only for a step with tools bound whose routed greedy first token starts a tool call (the first token of
-``<tool_call>``); a step without tools runs at full depth, and any other falls back to it, paying for the routed
-prompt pass it discards (:func:`call_start_gate`). Per source and step type it reports the share of FLOPs skipped
-and the **skip cost**: target perplexity routed against the *same adapter at full depth*, which isolates what
-skipping costs from what LoRA does; the differential is tool calls' FLOPs skipped minus planning steps'.
+(``layerroute.familiarity``). Per source and step type it reports the share of FLOPs skipped and the **skip cost**:
+target perplexity routed against the *same adapter at full depth*, which isolates what skipping costs from what LoRA
+does; the differential is tool calls' FLOPs skipped minus planning steps'.
 """
 
 from __future__ import annotations
@@ -42,10 +39,8 @@ sys.path.insert(0, str(ROOT))
 from layerroute import LayerRouteModel  # noqa: E402
 from layerroute.adapter_files import read_adapter_config  # noqa: E402
 from layerroute.errors import MissingInputError, UserError, check_output_directory, command  # noqa: E402
-from layerroute.evaluation import cases_by_type, perplexity, scored_steps  # noqa: E402
+from layerroute.evaluation import cases_by_type, perplexity, routing_summary, scored_steps  # noqa: E402
 from layerroute.familiarity import familiarity_ignored  # noqa: E402
-from layerroute.flops import block_flops, causal_key_reads  # noqa: E402
-from layerroute.grammar import TOOL_CALL_TAG  # noqa: E402
 from layerroute.loading import load_base_model  # noqa: E402
 from layerroute.model import ADAPTER_CONFIG, FINGERPRINT_ROWS  # noqa: E402
 from layerroute.steps import STEP_TYPES, trace_steps  # noqa: E402
@@ -60,7 +55,7 @@ FOLDS = {
     "glaive+reason": ("glaive", "reason_tool_use"),
     "complexfuncbench+cot": ("complexfuncbench", "mmlu_cot", "acpbench_cot"),
 }
-SETTINGS = ("routers alone", "do no harm", "call-start gate")
+SETTINGS = ("routers alone", "do no harm")
 MAX_TARGET_TOKENS = 192
 
 
@@ -116,12 +111,11 @@ def main(argv=None) -> int:
     result = {"steps_per_source": args.steps_per_source, "max_length": args.max_length, "in_distribution": {},
               "folds": {}}
     test_examples = examples_of(splits["test"], tokenizer, args)
-    call_start = tokenizer(TOOL_CALL_TAG, add_special_tokens=False).input_ids[0]
     for adapter in args.adapter:
-        result["in_distribution"][str(adapter)] = evaluate(adapter, base, test_examples, call_start)
+        result["in_distribution"][str(adapter)] = evaluate(adapter, base, test_examples)
     for name, adapter in fold_adapters.items():
         result["folds"][name] = {"held_out": list(folds[name]), "adapter": str(adapter),
-                                 **evaluate(adapter, base, examples_of(held_out[name], tokenizer, args), call_start)}
+                                 **evaluate(adapter, base, examples_of(held_out[name], tokenizer, args))}
     result["summary"] = summarise(result)
     print(markdown(result))
     if args.output:
@@ -168,64 +162,24 @@ def examples_of(traces: list, tokenizer, args) -> list:
     return [example for kind in STEP_TYPES for _, example in cases[kind]]
 
 
-def evaluate(adapter: Path, base, examples: list, call_start: int) -> dict:
+def evaluate(adapter: Path, base, examples: list) -> dict:
     """Per step type, pooled and per source: steps, perplexity of the frozen base and of the adapter at full depth,
-    and for each routing of :data:`SETTINGS` the FLOPs skipped, routed perplexity and skip cost; the differential.
-    ``call_start``: the token that starts a tool call, for the call-start gate."""
+    and for each routing of :data:`SETTINGS` the FLOPs skipped, routed perplexity and skip cost; the differential."""
     model = LayerRouteModel.from_pretrained(adapter, base_model=copy.deepcopy(base)).eval()
     scored = {"base": scored_steps(model, examples, forced_skip=(), lora=False),
               "full depth": scored_steps(model, examples, forced_skip=())}
     with familiarity_ignored(model):
         scored["routers alone"] = scored_steps(model, examples)
     scored["do no harm"] = scored_steps(model, examples)
-    scored["call-start gate"] = call_start_gate(model, examples, scored["do no harm"], scored["full depth"], call_start)
     sources = sorted({e.source for e in examples})
-    return {"pooled": table(scored, lambda r: True),
-            "by_source": {s: table(scored, lambda r, s=s: r["source"] == s) for s in sources}}
+    return {"pooled": table(scored, model.num_layers, lambda r: True),
+            "by_source": {s: table(scored, model.num_layers, lambda r, s=s: r["source"] == s) for s in sources}}
 
 
-def call_start_gate(model: LayerRouteModel, examples: list, routed: list[dict], full: list[dict],
-                    call_start: int) -> list[dict]:
-    """The records of routing that answers at full depth unless the routed answer starts a tool call.
-
-    A step with no tools bound cannot call: it runs at full depth from the start, at no extra cost. A routed step
-    whose greedy first token is not ``call_start`` is answered by the adapter at full depth: its full-depth record,
-    plus what falling back costs beyond full depth, counted two ways. ``flops_discarded``: resuming, the kept blocks
-    before the first skipped one already hold full-depth states and every block from it on runs over the prompt
-    again, so the extra is the prompt's prefill in the blocks kept after the first skipped one (zero when the
-    skipped blocks are the last ones) plus the discarded first token's LM-head row.
-    ``flops_discarded_regenerating``: starting again from nothing, the whole routed prompt pass is the extra."""
-    block, lm_head_row = model.shape.block, 2 * model.shape.vocab_size * model.shape.block.hidden_size
-    gated = []
-    for example, step, at_full_depth in zip(examples, routed, full):
-        skipped = step["route"].skipped_layers
-        if not example.tools_bound:
-            gated.append({**at_full_depth, "flops_discarded": 0, "flops_discarded_regenerating": 0,
-                          "fell_back": False})
-            continue
-        if not skipped or step["first_token"] == call_start:
-            gated.append({**step, "flops_discarded": 0, "flops_discarded_regenerating": 0, "fell_back": False})
-            continue
-        context = len(example.context_ids)
-        prefill = block_flops(block, context, causal_key_reads(0, context), model.lora_flops_per_token)
-        kept_after = model.num_layers - skipped[0] - len(skipped)
-        gated.append({**at_full_depth, "flops_discarded": prefill * kept_after + lm_head_row,
-                      "flops_discarded_regenerating": prefill * (model.num_layers - len(skipped)) + lm_head_row,
-                      "fell_back": True})
-    return gated
-
-
-def net_flops_skipped(records: list[dict], discarded: str = "flops_discarded") -> dict[str, float]:
-    """Per step type: FLOPs skipped less FLOPs ``discarded``, as a share of the full-depth FLOPs."""
-    return {kind: (sum(r["route"].flops_skipped - r.get(discarded, 0) for r in chosen)
-                   / sum(r["route"].flops_total for r in chosen))
-            for kind in STEP_TYPES if (chosen := [r for r in records if r["step_type"] == kind])}
-
-
-def table(scored: dict[str, list[dict]], chosen) -> dict:
+def table(scored: dict[str, list[dict]], num_layers: int, chosen) -> dict:
     rows = {name: [r for r in records if chosen(r)] for name, records in scored.items()}
     base, full = perplexity(rows["base"]), perplexity(rows["full depth"])
-    skipped = {name: net_flops_skipped(rows[name]) for name in SETTINGS}
+    skipped = {name: routing_summary(rows[name], num_layers)["by_step_type"] for name in SETTINGS}
     routed = {name: perplexity(rows[name]) for name in SETTINGS}
     entry = {}
     for kind in STEP_TYPES:
@@ -234,14 +188,9 @@ def table(scored: dict[str, list[dict]], chosen) -> dict:
         entry[kind] = {"steps": sum(r["step_type"] == kind for r in rows["full depth"]),
                        "perplexity_base": base[kind], "perplexity_full_depth": full[kind]}
         for name in SETTINGS:
-            entry[kind][name] = {"flops_skipped_frac": skipped[name][kind],
+            entry[kind][name] = {"flops_skipped_frac": skipped[name][kind]["flops_skipped_frac"],
                                  "perplexity_routed": routed[name][kind],
                                  "skip_cost": routed[name][kind] / full[kind] - 1}
-            fell_back = [r["fell_back"] for r in rows[name] if r["step_type"] == kind and "fell_back" in r]
-            if fell_back:
-                entry[kind][name]["fell_back"] = sum(fell_back)
-                entry[kind][name]["flops_skipped_frac_regenerating"] = net_flops_skipped(
-                    rows[name], "flops_discarded_regenerating")[kind]
     if len(entry) == 2:
         entry["differential_points"] = {name: 100 * (entry["tool_call"][name]["flops_skipped_frac"]
                                                      - entry["planning"][name]["flops_skipped_frac"])
@@ -296,10 +245,7 @@ def markdown(result: dict) -> str:
         for kind in STEP_TYPES:
             if kind in entry:
                 values = entry[kind]
-                cells = [f"{values[n]['flops_skipped_frac']:.1%}, {values[n]['skip_cost']:+.1%}"
-                         + (f" ({values[n]['fell_back']} fell back; regenerating: "
-                            f"{values[n]['flops_skipped_frac_regenerating']:.1%})" if "fell_back" in values[n] else "")
-                         for n in SETTINGS]
+                cells = [f"{values[n]['flops_skipped_frac']:.1%}, {values[n]['skip_cost']:+.1%}" for n in SETTINGS]
                 lines.append(f"| {label} | {kind} | {values['steps']} | {values['perplexity_base']:.3f} | "
                              f"{values['perplexity_full_depth']:.3f} | " + " | ".join(cells) + " |")
         return lines

@@ -89,8 +89,7 @@ def max_positions(model, tokenizer) -> int | None:
     """The most positions (prompt plus generated tokens) ``model`` takes: the smaller of its config's
     ``max_position_embeddings`` and the tokenizer's ``model_max_length``, of those that are set (transformers puts a
     huge placeholder in an unset ``model_max_length``); ``None`` when neither is."""
-    limits = [getattr(text_config(model), "max_position_embeddings", None),
-              getattr(tokenizer, "model_max_length", None)]
+    limits = [getattr(text_config(model), "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
     real = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < VERY_LARGE_INTEGER]
     return min(real) if real else None
 
@@ -111,8 +110,6 @@ class ChatStep:
         max_time: wall-clock limit of the generation in seconds, or ``None``.
         retry_empty: an answer that ends empty (no text, no call) after its routers skipped blocks is generated
             again with every block running (:meth:`ChatEngine.generate`).
-        call_start_gate: the routed answer is kept only when its first token starts a tool call; otherwise it stops
-            there and is generated again with every block running (:meth:`ChatEngine.prepare`).
         dropped_messages: how many of the oldest messages were dropped to fit the context
             (``context_overflow="truncate"``).
         telemetry: the OpenTelemetry context the step was prepared in, parent of its span
@@ -130,7 +127,6 @@ class ChatStep:
     skip_threshold: float | None
     max_time: float | None
     retry_empty: bool = True
-    call_start_gate: bool = False
     dropped_messages: int = 0
     telemetry: telemetry.SpanParent | None = None
 
@@ -228,8 +224,6 @@ class ChatEngine:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.max_positions = max_positions(model.base_model, tokenizer)
-        # what the call-start gate looks for: the first token of the tool-call tag
-        self.call_start_token = tokenizer(TOOL_CALL_TAG, add_special_tokens=False).input_ids[0]
 
     @classmethod
     def load(cls, model: str | None = None, adapter: str | None = None, device: str | None = None,
@@ -284,7 +278,6 @@ class ChatEngine:
         context_budget: int | None = None,
         context_overflow: str = "error",
         retry_empty: bool = True,
-        call_start_gate: bool = False,
     ) -> ChatStep:
         """Render, tokenize and constrain one step.
 
@@ -315,12 +308,6 @@ class ChatEngine:
                 again with every block running, and that answer returned: keeping a block is always safe, and an
                 empty step helps no agent. Its route then says ``retried`` and counts the discarded attempt in
                 ``flops_discarded``. ``False`` returns the empty answer (as A/B measurements of routing need).
-            call_start_gate: routing only for answers that start a tool call. A step with no tools visible runs every
-                block from the start; with tools and ``tool_choice`` auto, a routed answer whose first token does not
-                start a ``<tool_call>`` stops there (that token is not streamed) and is generated again with every
-                block running, its route saying ``retried`` and counting the discarded prompt pass in
-                ``flops_discarded``. A planning step then costs its full depth plus that pass, and answers as the
-                adapter at full depth does.
 
         Raises:
             ContextBudgetError: the prompt does not fit (see ``context_overflow``); a ``ValueError``.
@@ -343,8 +330,6 @@ class ChatEngine:
         if routing == "auto" and messages and not self.model.config.routes_after(messages[-1]["role"]):
             routing = "off"  # do-no-harm routing: the routers were not fitted to decide after this role
         visible_tools = [] if choice == ("none",) else tools
-        if call_start_gate and not visible_tools:
-            routing = "off"  # the call-start gate: an answer that cannot be a call is not routed
         grammar = None
         if response_format:
             if visible_tools:
@@ -368,9 +353,7 @@ class ChatEngine:
         return ChatStep(prompt_ids=prompt_ids, grammar=grammar, max_new_tokens=max_tokens,
                         temperature=float(temperature or 0.0), top_p=float(top_p), stop=tuple(s for s in stop if s),
                         seed=seed, routing=routing, skip_threshold=skip_threshold, max_time=timeout,
-                        retry_empty=retry_empty,
-                        call_start_gate=call_start_gate and routing == "auto" and choice is None,
-                        dropped_messages=dropped, telemetry=telemetry.capture())
+                        retry_empty=retry_empty, dropped_messages=dropped, telemetry=telemetry.capture())
 
     def _prompt_ids(self, messages: list[dict], tools: list[dict]) -> torch.Tensor:
         """``(prompt_tokens,)``: ``messages`` and ``tools`` rendered with the assistant prompt, tokenized."""
@@ -423,41 +406,30 @@ class ChatEngine:
 
         Returns:
             One :class:`ChatAnswer` per step, in order; ``route["latency_s"]`` is this call's wall time (a retried
-            answer's: both attempts', see :attr:`ChatStep.retry_empty` and :attr:`ChatStep.call_start_gate`). An
-            answer the call-start gate sends back streams from its full-depth retry; one retried for ending empty
-            streams nothing more, its text comes with the answer.
+            answer's: both attempts', see :attr:`ChatStep.retry_empty`; a retry streams nothing to ``on_token``,
+            its text comes with the answer).
         """
         if not steps:
             return []
         began_ns = telemetry.now_ns()
-        gate = _CallStartGate([step.call_start_gate for step in steps], self.call_start_token)
-        answers = self._generate_batch(steps, prefills, on_token, cancelled, gate)
+        answers = self._generate_batch(steps, prefills, on_token, cancelled)
         # the rows of one batch share max_time and latency, so the retried rows share their settings: one batch
         max_time = steps[0].max_time
         time_left = max_time - answers[0].route["latency_s"] if max_time else None
         retry = [row for row, (step, answer) in enumerate(zip(steps, answers))
-                 if (row in gate.fell_back or step.retry_empty and _ended_empty(answer))
-                 and not (cancelled and cancelled(row))]
+                 if step.retry_empty and _ended_empty(answer) and not (cancelled and cancelled(row))]
         if retry and (time_left is None or time_left > 0):
-            streamed = None if on_token is None else (  # only a gated answer's first attempt streamed nothing
-                lambda row, token: on_token(retry[row], token) if retry[row] in gate.fell_back else None)
-            again = self._generate_batch(
-                [replace(steps[row], routing="off", call_start_gate=False, max_time=time_left) for row in retry],
-                None, streamed, cancelled and (lambda row: cancelled(retry[row])), None)
+            again = self._generate_batch([replace(steps[row], routing="off", max_time=time_left) for row in retry],
+                                         None, None, None)
             for row, answer in zip(retry, again):
                 answers[row] = _retried(answers[row], answer)
-        elif retry:  # out of time: a gated answer is its routed first token, cut short
-            for row in gate.fell_back & set(retry):
-                answers[row] = replace(answers[row], finish_reason="length", timed_out=True)
         telemetry.record_generations(self.name, steps, answers, began_ns)  # one `chat {model}` span per step
         return answers
 
     def _generate_batch(self, steps: Sequence[ChatStep], prefills: Sequence[Prefill] | None,
                         on_token: Callable[[int, int], None] | None,
-                        cancelled: Callable[[int], bool] | None,
-                        gate: _CallStartGate | None) -> list[ChatAnswer]:
-        """One generation of ``steps`` as one batch (see :meth:`generate`), without retries; ``gate`` stops the rows
-        the call-start gate sends back, at their first token."""
+                        cancelled: Callable[[int], bool] | None) -> list[ChatAnswer]:
+        """One generation of ``steps`` as one batch (see :meth:`generate`), without retries."""
         if len({step.batch_key for step in steps}) > 1:
             raise ValueError("steps generated in one batch must share their generation settings (batch_key)")
         first = steps[0]
@@ -486,9 +458,6 @@ class ChatEngine:
             kwargs["logits_processor"] = LogitsProcessorList(
                 [DecodingGrammars.processor([step.grammar for step in steps])])
         criteria = StoppingCriteriaList()
-        if gate is not None and gate.gates_any:
-            criteria.append(gate)
-            on_token = on_token and gate.streaming(on_token)
         if cancelled is not None:
             criteria.append(_RowsCancelled(cancelled, len(steps)))
         deadline = None
@@ -849,45 +818,6 @@ class _Deadline(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         self.expired = self.expired or time.perf_counter() >= self.ends
         return torch.full((input_ids.shape[0],), self.expired, dtype=torch.bool, device=input_ids.device)
-
-
-class _CallStartGate(StoppingCriteria):
-    """The call-start gate of one batch (:attr:`ChatStep.call_start_gate`): a gated row whose routers skipped blocks
-    and whose first generated token is not ``call_start`` falls back. It stops at that token, which (and the padding
-    that follows) is held back from the stream; :attr:`fell_back` names those rows."""
-
-    def __init__(self, gated: list[bool], call_start: int):
-        self.gated = gated
-        self.call_start = call_start
-        self.decided: dict[int, bool] = {}  # row -> falls back, decided at its first token
-        self.checked = False
-
-    @property
-    def gates_any(self) -> bool:
-        return any(self.gated)
-
-    @property
-    def fell_back(self) -> set[int]:
-        return {row for row, falls_back in self.decided.items() if falls_back}
-
-    def _falls_back(self, row: int, token: int) -> bool:
-        if row not in self.decided:
-            skipped = any(not bool(keep[row]) for keep in ROUTING_STATE.get().keep.values())
-            self.decided[row] = self.gated[row] and skipped and token != self.call_start
-        return self.decided[row]
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        first, self.checked = not self.checked, True  # a row stopped here stays stopped
-        return torch.tensor([first and self._falls_back(row, token) for row, token in
-                             enumerate(input_ids[:, -1].tolist())], dtype=torch.bool, device=input_ids.device)
-
-    def streaming(self, on_token: Callable[[int, int], None]) -> Callable[[int, int], None]:
-        """``on_token`` without the tokens of the rows that fall back (the streamer sees a token before the
-        stopping criteria do)."""
-        def stream(row: int, token: int) -> None:
-            if not self._falls_back(row, token):
-                on_token(row, token)
-        return stream
 
 
 class _RowsCancelled(StoppingCriteria):

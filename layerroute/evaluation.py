@@ -40,8 +40,7 @@ def scored_steps(model: LayerRouteModel, examples: list[TokenizedStep], forced_s
     as the adapter serves it (:meth:`LayerRouteConfig.routes_after`). ``lora=False`` scores the frozen base.
 
     Returns one record per example, in order: ``source``, ``step_type``, ``route`` (the :class:`RouteStats` of
-    producing the target under the decision), ``nll``, ``target_tokens`` and ``first_token`` (the greedy first token
-    of the answer under the decision: the argmax at the last context position).
+    producing the target under the decision), ``nll`` and ``target_tokens``.
     """
     model.eval()
     records = []
@@ -61,8 +60,7 @@ def scored_steps(model: LayerRouteModel, examples: list[TokenizedStep], forced_s
                                  lm_head_logits=target * model.shape.vocab_size,
                                  extra_flops_per_token=model.lora_flops_per_token)
         records.append({"source": example.source, "step_type": example.step_type, "route": route,
-                        "nll": float(out.token_nll.sum()), "target_tokens": target,
-                        "first_token": int(out.target_logits[0].argmax())})
+                        "nll": float(out.token_nll.sum()), "target_tokens": target})
     return records
 
 

@@ -166,7 +166,6 @@ class TokenizedStep:
         context_role: the role of the context's last message (``"user"``, ``"tool"``, ...; ``None``: not known).
             Do-no-harm routing runs every block after a role the routers were not fitted to decide after
             (:meth:`layerroute.LayerRouteConfig.routes_after`).
-        tools_bound: the step's context offers tools (it may answer with a call).
     """
 
     context_ids: list[int]
@@ -175,7 +174,6 @@ class TokenizedStep:
     trace_id: str
     source: str = "unknown"
     context_role: str | None = None
-    tools_bound: bool = False
 
 
 def tokenize_step(step: Step, tokenizer, max_context_tokens: int = 1024, max_target_tokens: int = 256) -> TokenizedStep:
@@ -203,4 +201,4 @@ def tokenize_step(step: Step, tokenizer, max_context_tokens: int = 1024, max_tar
             )
         context_ids = head_ids + context_ids[-keep:]
     return TokenizedStep(context_ids, target_ids, step.step_type, step.trace_id, step.source,
-                         step.context[-1]["role"] if step.context else None, bool(step.tools))
+                         step.context[-1]["role"] if step.context else None)

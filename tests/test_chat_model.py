@@ -158,43 +158,6 @@ def test_a_routed_answer_that_ends_empty_is_generated_again_at_full_depth(tiny_c
     assert not full_depth.response_metadata["layerroute"]["retried"]  # nothing skipped: nothing to retry
 
 
-def test_the_call_start_gate_keeps_routing_only_for_answers_that_start_a_call(tiny_chat_dir, set_routers):
-    from layerroute.chat import ChatEngine
-
-    llm = ChatLayerRoute(model=tiny_chat_dir, max_tokens=6, call_start_gate=True)
-    set_routers(-5.0)  # every block skipped
-    tools = llm.bind_tools([get_weather])
-    routed = tools.invoke("hi", call_start_gate=False)
-    first = ChatEngine.load(tiny_chat_dir).tokenizer(routed.content, add_special_tokens=False).input_ids[0]
-    assert not routed.tool_calls and first != ChatEngine.load(tiny_chat_dir).call_start_token
-    one_token = tools.invoke("hi", call_start_gate=False, max_tokens=1).response_metadata["layerroute"]
-
-    gated = tools.invoke("hi")  # its routed first token starts no call: answered again at full depth
-    full_depth = tools.invoke("hi", routing="off")
-    route = gated.response_metadata["layerroute"]
-    assert gated.content == full_depth.content
-    assert route["retried"] and route["skipped_layers"] == [] and route["flops_skipped"] == 0
-    # the discarded attempt: the prompt pass and the first token, with every block skipped
-    assert 0 < route["flops_discarded"] == one_token["flops_total"] - one_token["flops_skipped"]
-
-    untooled = llm.invoke("hi").response_metadata["layerroute"]  # no call possible: not routed at all
-    assert untooled["skipped_layers"] == [] and not untooled["retried"] and untooled["flops_discarded"] == 0
-    forced = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("hi").response_metadata["layerroute"]
-    assert forced["skipped_layers"] == [0, 1, 2] and not forced["retried"]  # a forced call starts with the tag
-
-    engine = ChatEngine.load(tiny_chat_dir)
-    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-    streamed: list[tuple[int, int]] = []
-    step = engine.prepare([{"role": "user", "content": "hi"}], tools=[weather], max_tokens=6, call_start_gate=True)
-    [answer] = engine.generate([step], on_token=lambda row, token: streamed.append((row, token)))
-    [again] = engine.generate([engine.prepare([{"role": "user", "content": "hi"}], tools=[weather], max_tokens=6,
-                                              routing="off")])
-    assert answer.text == again.text and answer.route["retried"]
-    # the stream is the full-depth answer alone: the routed first token was held back
-    assert engine.tokenizer.decode([t for _, t in streamed], skip_special_tokens=True) == again.text
-
-
 def test_a_conversation_ending_with_a_role_the_routers_do_not_decide_after_runs_every_block(tiny_chat_dir,
                                                                                               set_routers):
     from langchain_core.messages import AIMessage, HumanMessage, ToolMessage

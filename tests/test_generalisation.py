@@ -106,39 +106,3 @@ def test_an_output_in_a_missing_directory_is_refused_before_training(tiny_setup,
     assert load_benchmark().main([*arguments, "--fold", "x=glaive", "--output", str(output), *finetune]) == 2
     assert f"--output {output}: the directory {tmp_path / 'no'} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
-
-
-def test_the_call_start_gate_keeps_routing_only_for_answers_that_start_a_call():
-    from types import SimpleNamespace
-
-    from conftest import tiny_llama
-
-    from layerroute.flops import RouteStats, block_flops, causal_key_reads
-
-    benchmark = load_benchmark()
-    model = LayerRouteModel.from_base(tiny_llama(num_layers=4))
-    call_start, context = 7, 10
-    examples = [SimpleNamespace(context_ids=list(range(context)), tools_bound=True)] * 4
-
-    def record(skipped, first_token, nll):
-        route = RouteStats(skipped_layers=skipped, num_layers=4, flops_total=1000, flops_skipped=100 * len(skipped))
-        return {"step_type": "planning", "route": route, "nll": nll, "target_tokens": 3, "first_token": first_token}
-
-    routed = [record([], 1, 1.0), record([1, 2], call_start, 2.0), record([1], 1, 3.0), record([2, 3], 1, 4.0)]
-    full = [record([], 1, 0.5) for _ in range(4)]
-    gated = benchmark.call_start_gate(model, examples, routed, full, call_start)
-    assert [g["fell_back"] for g in gated] == [False, False, True, True]
-    assert [g["nll"] for g in gated] == [1.0, 2.0, 0.5, 0.5]  # a fallback answers at full depth
-    prefill = block_flops(model.shape.block, context, causal_key_reads(0, context), model.lora_flops_per_token)
-    lm_head_row = 2 * model.shape.vocab_size * model.shape.block.hidden_size
-    # skipping block 1 of 4: blocks 2 and 3 ran on a changed input and run again; skipping the last ones: nothing does
-    assert [g["flops_discarded"] for g in gated] == [0, 0, 2 * prefill + lm_head_row, lm_head_row]
-    net = benchmark.net_flops_skipped(gated)["planning"]
-    assert net == (200 - 2 * prefill - 2 * lm_head_row) / 4000
-    # without tools a step cannot call: full depth from the start, nothing discarded
-    unbound = benchmark.call_start_gate(model, [SimpleNamespace(context_ids=[1], tools_bound=False)], routed[1:2],
-                                        full[:1], call_start)
-    assert unbound[0]["nll"] == 0.5 and unbound[0]["flops_discarded"] == 0 and not unbound[0]["fell_back"]
-    # starting again from nothing instead: the routed prompt pass (its kept blocks) is what is lost
-    assert [g["flops_discarded_regenerating"] for g in gated] == [0, 0, 3 * prefill + lm_head_row,
-                                                                 2 * prefill + lm_head_row]

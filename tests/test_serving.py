@@ -293,17 +293,6 @@ def test_a_routed_answer_that_ends_empty_is_retried_unless_the_request_says_not(
     assert f'layerroute_retried_total{{step_type="{kind}"}} 1.0' in client.get("/metrics").text
 
 
-def test_the_call_start_gate_streams_the_full_depth_answer(client, set_routers):
-    set_routers(-5.0)  # every block skipped: the random model's routed first token starts no call
-    body = {"tools": [WEATHER], "max_tokens": 8}
-    full_depth = chat(client, "hi", layerroute={"routing": "off"}, **body).json()
-    chunks = sse_chunks(chat(client, "hi", stream=True, layerroute={"call_start_gate": True}, **body))
-    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
-    assert streamed == full_depth["choices"][0]["message"]["content"]
-    route = chunks[-1]["layerroute"]
-    assert route["retried"] and route["skipped_layers"] == [] and route["flops_discarded"] > 0
-
-
 def test_a_row_retried_at_full_depth_counts_its_discarded_attempt(engine, set_routers):
     set_routers(-5.0)  # every block skipped
     [routed] = engine.generate(steps(engine)[:1])

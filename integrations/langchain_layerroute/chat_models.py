@@ -116,10 +116,6 @@ class ChatLayerRoute(BaseChatModel):
     """A routed answer that ends empty (no text, no call) is generated again with every block running; its
     ``response_metadata["layerroute"]`` then says ``retried`` and counts the discarded attempt in ``flops_discarded``.
     Also per call (``invoke(..., retry_empty=False)``)."""
-    call_start_gate: bool = False
-    """Routing only for answers that start a tool call: without tools every block runs, and a routed answer whose
-    first token does not open a ``<tool_call>`` is generated again with every block running (``retried``, the
-    discarded prompt pass in ``flops_discarded``). Also per call."""
     price: PriceModel | None = None
     """Prices FLOPs (``PriceModel(usd_per_gpu_hour=2.0, achieved_tflops=100.0)``): each answer's ``usage_metadata``
     then carries ``input_cost`` / ``output_cost`` / ``total_cost`` and its route metadata the full-depth costs;
@@ -250,7 +246,6 @@ class ChatLayerRoute(BaseChatModel):
             routing=kwargs.get("routing", self.routing),
             skip_threshold=kwargs.get("skip_threshold", self.skip_threshold),
             retry_empty=kwargs.get("retry_empty", self.retry_empty),
-            call_start_gate=kwargs.get("call_start_gate", self.call_start_gate),
             timeout=kwargs.get("timeout", self.timeout),
             context_budget=kwargs.get("context_budget", self.context_budget),
             context_overflow=kwargs.get("context_overflow", self.context_overflow),
