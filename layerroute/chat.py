@@ -89,7 +89,8 @@ def max_positions(model, tokenizer) -> int | None:
     """The most positions (prompt plus generated tokens) ``model`` takes: the smaller of its config's
     ``max_position_embeddings`` and the tokenizer's ``model_max_length``, of those that are set (transformers puts a
     huge placeholder in an unset ``model_max_length``); ``None`` when neither is."""
-    limits = [getattr(text_config(model), "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [getattr(text_config(model), "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]
     real = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < VERY_LARGE_INTEGER]
     return min(real) if real else None
 

@@ -3,10 +3,11 @@
 Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health`` and ``GET /metrics`` (Prometheus). Every
 completion carries a top-level ``layerroute`` object with the fields of ``response_metadata["layerroute"]``
 (``step_type``, ``skipped_layers``, ``num_layers``, ``layers_skipped_frac``, ``flops_total``, ``flops_skipped``,
-``flops_skipped_frac``, ``latency_s``, ``retried``, ``flops_discarded``); non-streaming responses also carry them as ``x-layerroute-*`` headers, and a
-stream carries them on its final chunk (the usage chunk when ``stream_options.include_usage`` asks for one). A request
-may set ``{"layerroute": {"routing": "auto" | "off", "skip_threshold": x, "retry_empty": false}}`` (the ``openai``
-client's ``extra_body``; :meth:`~layerroute.chat.ChatEngine.prepare` says what each does).
+``flops_skipped_frac``, ``latency_s``, ``retried``, ``flops_discarded``); non-streaming responses also carry them as
+``x-layerroute-*`` headers, and a stream carries them on its final chunk (the usage chunk when
+``stream_options.include_usage`` asks for one). A request may set ``{"layerroute": {"routing": "auto" | "off",
+"skip_threshold": x, "retry_empty": false}}`` (the ``openai`` client's ``extra_body``;
+:meth:`~layerroute.chat.ChatEngine.prepare` says what each does).
 
 Requests are prepared and answered by :mod:`layerroute.chat` (the code path of ``ChatLayerRoute``) and batched by
 :class:`~layerroute.batching.BatchScheduler`. Needs the ``serve`` extra: ``pip install "layerroute[serve]"``.
