@@ -9,6 +9,7 @@ solved; model steps per task; FLOPs saved per step type (from the cost records t
 
     python benchmarks/agent_tasks.py                   # embedded SmolLM2-135M with the shipped adapter, CPU
     python benchmarks/agent_tasks.py --tasks 8         # the first 8 tasks only
+    python benchmarks/agent_tasks.py --skip-threshold 0.05   # the routed run at a lower dial setting
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=None, help="run only the first N tasks")
     parser.add_argument("--max-model-steps", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--skip-threshold", type=float, default=None,
+                        help="the routed run's compute dial (ChatLayerRoute's skip_threshold; default: the adapter's "
+                             "own router_threshold); lower skips less")
     parser.add_argument("--retry-empty", action=argparse.BooleanOptionalAction, default=True,
                         help="a routed answer that ends empty is generated again at full depth (ChatLayerRoute's "
                              "retry_empty; its FLOPs count against the savings)")
@@ -87,7 +91,7 @@ def main() -> None:
     results = {}
     for routing in ("auto", "off"):
         llm = ChatLayerRoute(adapter=args.adapter, max_tokens=args.max_tokens, routing=routing,
-                             retry_empty=args.retry_empty)
+                             skip_threshold=args.skip_threshold, retry_empty=args.retry_empty)
         outcomes = []
         with layerroute_cost_tracking() as costs:
             for number, (question, expected) in enumerate(chosen):
@@ -97,9 +101,10 @@ def main() -> None:
                       f"{question} -> {answer[:80]!r}", flush=True)
         results[routing] = (outcomes, costs.report(), sum(r.flops_discarded > 0 for r in costs.records))
 
+    threshold = "the adapter's" if args.skip_threshold is None else args.skip_threshold
     print()
     print(f"tasks={len(chosen)} max_model_steps={args.max_model_steps} adapter={args.adapter or 'shipped'} "
-          f"retry_empty={args.retry_empty}")
+          f"retry_empty={args.retry_empty} skip_threshold={threshold}")
     print()
     print("| model | tasks solved | 95% interval | model steps per task | steps retried at full depth | "
           "FLOPs saved: tool_call | planning |")
